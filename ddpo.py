@@ -1,0 +1,953 @@
+"""DDPO: Denoising Diffusion Policy Optimization, in one file.
+
+Black, Janner, Du, Kostrikov, Levine, "Training Diffusion Models with Reinforcement Learning" (2023),
+arXiv 2305.13301. A denoising trajectory x_T -> ... -> x_0 is an episode; each DDIM step (eta > 0) is a
+Gaussian action with an exact log-likelihood; the reward r(x_0, c) arrives at the end. DDPO_IS, the
+paper's main method, optimises a PPO-style clipped surrogate of those per-step likelihood ratios.
+
+Read top to bottom: arguments -> DDIM step with log-prob -> advantages -> loss -> the tiny offline
+pipeline -> sampling -> training step -> checkpoints -> main loop.
+
+Run it:
+    # CPU, offline, minutes: a tiny text-to-image model (pretrained in code, cached) learns a reward
+    python ddpo.py --preset tiny                                   # JPEG compressibility
+    python ddpo.py --preset tiny --reward jpeg_incompressibility
+    python ddpo.py --preset tiny --reward brightness --shuffle-advantages   # a control: must NOT learn
+    # One GPU: Stable Diffusion v1.4 + LoRA, the paper's compressibility run (sizes are per process)
+    python ddpo.py --preset compressibility
+    python ddpo.py --preset compressibility --model /path/to/local/sd --resume auto --run-dir runs/c1
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import rewards as rewards_lib
+
+
+# ------------------------------------------------------------------------------------------------------
+# Arguments. Every field is a --flag (underscores become dashes); its `help` is the --help text.
+# The defaults are the published per-GPU settings for Stable Diffusion (ddpo-notes §6, compressibility).
+# ------------------------------------------------------------------------------------------------------
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Args:
+    preset: str = arg(None, "named set of defaults applied first (explicit flags override): " "see PRESETS")
+    # model
+    model: str = arg("CompVis/stable-diffusion-v1-4", "hub id or local path of a diffusers SD 1.x/2.x "
+                     "checkpoint, or 'tiny' for the offline CPU pipeline pretrained in code (cached)")
+    lora_rank: int = arg(4, "LoRA rank on the UNet attention projections; 0 = full fine-tuning")
+    mixed_precision: str = arg("fp16", "no | fp16 | bf16: dtype of frozen weights and autocast; "
+                               "trainable parameters and stored trajectories stay float32")
+    device: str = arg("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
+    # task
+    reward: str = arg("jpeg_compressibility", "reward function name, see rewards.REWARDS")
+    prompts: str = arg("imagenet_animals", "built-in prompt set name (see PROMPT_SETS) or a .txt file, "
+                       "one prompt per line")
+    # sampling (per process)
+    resolution: int = arg(512, "image side in pixels")
+    num_steps: int = arg(50, "DDIM steps T per trajectory")
+    eta: float = arg(1.0, "DDIM eta > 0: the policy's std is eta * sigma_t")
+    guidance_scale: float = arg(5.0, "classifier-free guidance weight w (<= 1 disables CFG)")
+    sample_batch_size: int = arg(8, "images per sampling batch, per process")
+    sample_num_batches: int = arg(4, "sampling batches per epoch, per process")
+    # training (per process)
+    num_epochs: int = arg(100, "epochs: one epoch = sample, score, train")
+    train_batch_size: int = arg(4, "trajectories per training micro-batch, per process")
+    gradient_accumulation_steps: int = arg(2, "training batches per optimizer step (each over all kept "
+                                           "timesteps)")
+    num_inner_epochs: int = arg(1, "passes over each epoch's samples")
+    timestep_fraction: float = arg(1.0, "fraction of each trajectory's timesteps trained on (shuffled "
+                                   "per sample)")
+    learning_rate: float = arg(3e-4, "AdamW learning rate (constant)")
+    adam_beta1: float = arg(0.9, "AdamW beta1")
+    adam_beta2: float = arg(0.999, "AdamW beta2")
+    adam_weight_decay: float = arg(1e-4, "AdamW weight decay")
+    adam_epsilon: float = arg(1e-8, "AdamW epsilon")
+    max_grad_norm: float = arg(1.0, "gradient-norm clip")
+    clip_range: float = arg(1e-4, "PPO clip range on the per-step likelihood ratio")
+    adv_clip_max: float = arg(5.0, "advantages are clamped to [-adv_clip_max, adv_clip_max]")
+    per_prompt_stat_tracking: bool = arg(True, "normalise rewards per prompt (else over the epoch batch)")
+    stat_buffer_size: int = arg(16, "per-prompt FIFO length of the stat tracker")
+    stat_min_count: int = arg(16, "below this many rewards for a prompt, use the batch statistics")
+    shuffle_advantages: bool = arg(False, "CONTROL: permute advantages across samples; a run that "
+                                   "still 'learns' with this is not learning the reward")
+    # bookkeeping
+    seed: int = arg(0, "random seed")
+    run_dir: str = arg(None, "directory for config, metrics, images and checkpoints "
+                       "(default runs/<reward>-<time>)")
+    resume: str = arg(None, "checkpoint directory to resume from, or 'auto' (latest in --run-dir, "
+                      "or start fresh if none)")
+    save_every: int = arg(10, "checkpoint every N epochs (and always at the end)")
+    keep_checkpoints: int = arg(3, "keep only the last K checkpoints")
+    image_every: int = arg(5, "write a PNG grid of samples every N epochs (0 = never)")
+
+
+PRESETS = {
+    # CPU, offline: the tiny pipeline pretrained in code. Minutes on 2 cores.
+    "tiny": dict(model="tiny", prompts="tiny_shapes", reward="jpeg_compressibility", mixed_precision="no",
+                 resolution=32, num_steps=10, guidance_scale=3.0, sample_batch_size=16, sample_num_batches=2,
+                 train_batch_size=16, gradient_accumulation_steps=1, num_epochs=60, learning_rate=3e-3,
+                 lora_rank=4, stat_buffer_size=32, stat_min_count=8, save_every=20, image_every=10),
+    # ddpo-notes §6 (kvablack/ddpo-pytorch, SD v1.4, LoRA r4, fp16), sizes per GPU for 8 GPUs (6 for alignment).
+    "compressibility": dict(reward="jpeg_compressibility", prompts="imagenet_animals", num_epochs=100,
+                            sample_batch_size=8, sample_num_batches=4, train_batch_size=4,
+                            gradient_accumulation_steps=2, stat_buffer_size=16, stat_min_count=16),
+    "incompressibility": dict(reward="jpeg_incompressibility", prompts="imagenet_animals", num_epochs=100,
+                              sample_batch_size=8, sample_num_batches=4, train_batch_size=4,
+                              gradient_accumulation_steps=2, stat_buffer_size=16, stat_min_count=16),
+    "aesthetic": dict(reward="aesthetic", prompts="simple_animals", num_epochs=200, sample_batch_size=8,
+                      sample_num_batches=4, train_batch_size=4, gradient_accumulation_steps=4,
+                      stat_buffer_size=32, stat_min_count=16),
+    "alignment": dict(reward="llava_bertscore", prompts="animals_activities", num_epochs=200,
+                      sample_batch_size=8, sample_num_batches=6, train_batch_size=4,
+                      gradient_accumulation_steps=6, stat_buffer_size=32, stat_min_count=16),
+}
+
+SIMPLE_ANIMALS = ("cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon "
+                  "fox wolf lizard beetle ant butterfly fish shark whale dolphin squirrel mouse rat snake "
+                  "turtle frog chicken duck goose bee pig turkey fly llama camel bat gorilla hedgehog "
+                  "kangaroo").split()
+# A short ImageNet-style animal list (the published run used 398 ImageNet animal classes).
+IMAGENET_ANIMALS = SIMPLE_ANIMALS + ("golden retriever|tabby cat|red fox|grey whale|king penguin|goldfish|"
+                                     "great white shark|bald eagle|tree frog|box turtle|green lizard|"
+                                     "tarantula|ladybug|monarch butterfly|hamster|hippopotamus|"
+                                     "african elephant|giant panda|koala|otter|meerkat|flamingo|"
+                                     "peacock|ostrich|jellyfish|starfish|lobster|hermit crab").split("|")
+ACTIVITIES = ["washing the dishes", "riding a bike", "playing chess"]
+
+
+def article(word):
+    return "an" if word[0] in "aeiou" else "a"
+
+
+PROMPT_SETS = {
+    "simple_animals": SIMPLE_ANIMALS,
+    "imagenet_animals": IMAGENET_ANIMALS,
+    "animals_activities": [f"{article(a)} {a} {act}" for a in SIMPLE_ANIMALS for act in ACTIVITIES],
+    "tiny_shapes": None,  # filled in below, next to the tiny pipeline's synthetic captions
+}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="DDPO fine-tuning of a text-to-image diffusion model.")
+    for f in dataclasses.fields(Args):
+        name = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata["help"])
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str)
+                                                                else f.type.__name__, str)
+            parser.add_argument(name, type=typ, default=f.default, help=f.metadata["help"])
+    return parser
+
+
+def parse_args(argv=None) -> Args:
+    """Preset first, then explicit flags override it."""
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.preset is not None:
+        if known.preset not in PRESETS:
+            fail(f"unknown preset {known.preset!r}; choose one of: {', '.join(PRESETS)}")
+        parser.set_defaults(**PRESETS[known.preset])
+    return Args(**vars(parser.parse_args(argv)))
+
+
+def fail(message):
+    """Stop with one clear line (no traceback): bad input is the user's to fix, not a crash."""
+    raise SystemExit(f"ddpo.py: error: {message}")
+
+
+def load_prompts(spec: str) -> list:
+    if spec in PROMPT_SETS:
+        return list(PROMPT_SETS[spec])
+    path = Path(spec)
+    if not path.is_file():
+        fail(f"--prompts {spec!r} is neither a built-in set ({', '.join(PROMPT_SETS)}) nor an existing file")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        fail(f"prompt file {spec!r} has no prompts (one per line expected)")
+    return prompts
+
+
+def validate(args: Args):
+    """Every check that needs no model, so that bad input fails in a second, not after loading SD."""
+    if args.reward not in rewards_lib.REWARDS:
+        fail(f"unknown reward {args.reward!r}; choose one of: {', '.join(rewards_lib.REWARDS)}")
+    if not args.eta > 0:
+        fail(f"--eta must be > 0 (got {args.eta}): at eta = 0 DDIM is deterministic and the policy has "
+             "no log-likelihood")
+    if args.mixed_precision not in ("no", "fp16", "bf16"):
+        fail(f"--mixed-precision must be no, fp16 or bf16 (got {args.mixed_precision!r})")
+    for name in ("num_steps", "sample_batch_size", "sample_num_batches", "train_batch_size",
+                 "gradient_accumulation_steps", "num_inner_epochs", "resolution", "stat_buffer_size"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    if args.num_epochs < 0 or args.lora_rank < 0 or args.save_every < 1:
+        fail("--num-epochs and --lora-rank must be >= 0, --save-every >= 1")
+    if not 0 < args.timestep_fraction <= 1:
+        fail(f"--timestep-fraction must be in (0, 1] (got {args.timestep_fraction})")
+    if not args.clip_range > 0:
+        fail(f"--clip-range must be > 0 (got {args.clip_range})")
+    samples = args.sample_batch_size * args.sample_num_batches
+    per_step = args.train_batch_size * args.gradient_accumulation_steps
+    if samples % per_step:
+        fail(f"samples per epoch (sample_batch_size {args.sample_batch_size} x sample_num_batches "
+             f"{args.sample_num_batches} = {samples}) must be divisible by train_batch_size "
+             f"{args.train_batch_size} x gradient_accumulation_steps {args.gradient_accumulation_steps} "
+             f"= {per_step}")
+    if args.model != "tiny" and not os.path.isdir(args.model) and looks_like_path(args.model):
+        fail(f"--model {args.model!r}: no such directory")
+    if args.resume not in (None, "auto") and not os.path.isdir(args.resume):
+        fail(f"--resume {args.resume!r}: no such checkpoint directory")
+    if args.resume == "auto" and args.run_dir is None:
+        fail("--resume auto needs --run-dir (the run whose latest checkpoint to continue)")
+    load_prompts(args.prompts)
+
+
+def looks_like_path(model: str) -> bool:
+    """A hub id is 'name' or 'org/name'; anything else is meant as a local path."""
+    return model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep in model.replace("/", "")
+
+
+# ------------------------------------------------------------------------------------------------------
+# The DDIM step with log-prob (ddpo-notes §2). The policy at step t is N(mu, std^2 I).
+# ------------------------------------------------------------------------------------------------------
+def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta=1.0, prev_sample=None,
+                           generator=None):
+    """One DDIM step x_t -> x_{t-1} and its Gaussian log-likelihood.
+
+    scheduler    diffusers DDIMScheduler after set_timesteps
+    model_output (B, C, H, W) the UNet's prediction (epsilon or v, per scheduler.config.prediction_type)
+    timestep     int or (B,) LongTensor: timesteps may differ per sample
+    sample       (B, C, H, W) x_t
+    prev_sample  (B, C, H, W) x_{t-1} to score (a stored transition); None = sample it
+    Returns (prev_sample, log_prob): log_prob float32 (B,), the MEAN over C*H*W of
+        -(x_{t-1} - mu)^2 / (2 std^2) - log std - log sqrt(2 pi)
+    Gradients flow only through mu (x_{t-1} is detached; std does not depend on the model).
+    """
+    if not eta > 0:
+        raise ValueError(f"eta must be > 0 (got {eta}): the step needs a nonzero std to have a log-prob")
+    if scheduler.num_inference_steps is None:
+        raise ValueError("call scheduler.set_timesteps(num_steps) before ddim_step_with_logprob")
+    B, device = sample.shape[0], sample.device
+    model_output, sample = model_output.float(), sample.float()
+    t = torch.as_tensor(timestep, device=device).long().reshape(-1).expand(B)  # (B,)
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+
+    # Per-sample coefficients in float64: near t = 0, 1 - abar_t / abar_prev ~ 1e-3 cancels badly in float32.
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float64)
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, device=device, dtype=torch.float64)
+    alpha_t = alphas_cumprod[t]  # abar_t, (B,)
+    alpha_prev = torch.where(prev_t >= 0, alphas_cumprod[prev_t.clamp(min=0)], final)
+    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)  # sigma_t^2
+    std = eta * variance.sqrt()
+    shape = (B,) + (1,) * (sample.ndim - 1)
+    sqrt_a, sqrt_1ma, sqrt_a_prev, dir_coef, std32 = (c.float().reshape(shape) for c in (
+        alpha_t.sqrt(), (1 - alpha_t).sqrt(), alpha_prev.sqrt(), (1 - alpha_prev - std**2).sqrt(), std))
+
+    if scheduler.config.prediction_type == "epsilon":
+        eps = model_output
+        x0 = (sample - sqrt_1ma * eps) / sqrt_a
+    elif scheduler.config.prediction_type == "v_prediction":
+        x0 = sqrt_a * sample - sqrt_1ma * model_output
+        eps = sqrt_a * model_output + sqrt_1ma * sample
+    else:
+        raise ValueError(f"prediction_type {scheduler.config.prediction_type!r} is not supported")
+    if scheduler.config.thresholding:
+        x0 = scheduler._threshold_sample(x0)
+    elif scheduler.config.clip_sample:
+        x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+    mean = sqrt_a_prev * x0 + dir_coef * eps
+    if prev_sample is None:
+        noise = torch.randn(sample.shape, generator=generator, device=device, dtype=torch.float32)
+        prev_sample = mean + std32 * noise
+    prev_sample = prev_sample.detach().float()
+    log_norm = (std.log() + 0.5 * math.log(2 * math.pi)).float().reshape(shape)  # log(std sqrt(2 pi))
+    log_prob = -((prev_sample - mean) ** 2) / (2 * std32**2) - log_norm
+    return prev_sample, log_prob.mean(dim=tuple(range(1, sample.ndim)))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Advantages (ddpo-notes §3).
+# ------------------------------------------------------------------------------------------------------
+class PerPromptStatTracker:
+    """Per-prompt reward normalisation. For each prompt, a FIFO of its last `buffer_size` rewards (kept
+    across epochs). update() adds this epoch's rewards first, then normalises each prompt's rewards with
+    the FIFO's mean and std, or, while the FIFO holds fewer than `min_count`, with the whole batch's.
+    std is the population std + 1e-6."""
+
+    def __init__(self, buffer_size: int, min_count: int):
+        self.buffer_size, self.min_count = buffer_size, min_count
+        self.buffers = {}  # prompt -> deque of rewards
+
+    def update(self, prompts, rewards) -> np.ndarray:
+        prompts = np.asarray(prompts, dtype=object)
+        rewards = np.asarray(rewards, dtype=np.float64)  # integer rewards must still give float advantages
+        advantages = np.empty_like(rewards)
+        for prompt in dict.fromkeys(prompts.tolist()):  # unique, in order of first appearance
+            mask = prompts == prompt
+            buffer = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buffer.extend(rewards[mask].tolist())
+            stats = rewards if len(buffer) < self.min_count else np.asarray(buffer)
+            advantages[mask] = (rewards[mask] - stats.mean()) / (stats.std() + 1e-6)
+        return advantages
+
+    def state_dict(self) -> dict:
+        return {"buffer_size": self.buffer_size, "min_count": self.min_count,
+                "buffers": {p: list(b) for p, b in self.buffers.items()}}
+
+    def load_state_dict(self, state: dict):
+        self.buffer_size, self.min_count = state["buffer_size"], state["min_count"]
+        self.buffers = {p: deque(b, maxlen=self.buffer_size) for p, b in state["buffers"].items()}
+
+
+def batch_advantages(rewards) -> np.ndarray:
+    """Without per-prompt tracking: normalise over the epoch batch."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    return (rewards - rewards.mean()) / (rewards.std() + 1e-8)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The clipped surrogate (DDPO_IS, ddpo-notes §4).
+# ------------------------------------------------------------------------------------------------------
+def ddpo_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip_max):
+    """loss = mean(max(-A * ratio, -A * clamp(ratio, 1 - eps, 1 + eps))), A clamped to +-adv_clip_max,
+    ratio = exp(log_prob - old_log_prob). All (B,). Returns (loss, ratio)."""
+    advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    return torch.maximum(unclipped, clipped).mean(), ratio
+
+
+# ------------------------------------------------------------------------------------------------------
+# The tiny offline pipeline: a small SD-shaped model (UNet2DConditionModel, AutoencoderKL, CLIP text
+# encoder, byte-level CLIP tokenizer) built from configs. Random weights are a poor RL test bed (any
+# update saturates the images), so --model tiny pretrains it in code on synthetic captioned images of
+# coloured shapes, about 2 minutes on 2 CPU cores, once; the result is cached (DDPO_CACHE, default
+# ~/.cache/ddpo) as an ordinary diffusers pipeline directory.
+# ------------------------------------------------------------------------------------------------------
+TINY_VERSION = "tiny-v1"  # bump when the tiny model or its pretraining changes, so caches are rebuilt
+COLORS = {"red": (0.9, 0.15, 0.1), "green": (0.1, 0.75, 0.2), "blue": (0.15, 0.25, 0.9),
+          "yellow": (0.95, 0.85, 0.1), "purple": (0.6, 0.2, 0.7), "orange": (1.0, 0.55, 0.1),
+          "white": (0.95, 0.95, 0.95), "black": (0.08, 0.08, 0.08), "grey": (0.5, 0.5, 0.5)}
+SHAPES = ("circle", "square", "triangle", "ring")
+TEXTURES = ("plain", "striped", "speckled")
+PROMPT_SETS["tiny_shapes"] = [f"a {fg} {shape} on {bg}" for fg, shape, bg in
+                              [("red", "circle", "blue"), ("yellow", "square", "black"),
+                               ("green", "triangle", "white"), ("purple", "ring", "grey"),
+                               ("orange", "circle", "green"), ("blue", "square", "yellow"),
+                               ("white", "triangle", "purple"), ("black", "ring", "orange")]]
+
+
+def byte_level_clip_tokenizer(max_length=32):
+    """A CLIPTokenizer with the 256 byte symbols (and their end-of-word forms) and no merges: every
+    character is a token. Built in code, so no vocabulary file is needed."""
+    from transformers import CLIPTokenizer
+
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2's byte -> unicode table
+    codes, extra = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    symbols = [chr(c) for c in codes]
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def build_tiny_pipeline(seed=0):
+    """The tiny StableDiffusionPipeline with random weights from `seed`: 32x32 images, a VAE with 4x
+    downsampling (latents 4x8x8), a 0.8M-parameter UNet, a 2-layer CLIP text encoder, and a DDIM
+    scheduler with Stable Diffusion's noise schedule."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = byte_level_clip_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length, projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        layers_per_block=1, norm_num_groups=8, sample_size=32)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def synthetic_shapes(n, generator, size=32):
+    """n captioned 32x32 images: a coloured shape (circle, square, triangle, ring), plain, striped or
+    speckled, at a random place and size, on a coloured background. Returns ((n, 3, H, W) in [0, 1],
+    captions). Captions name what is drawn ('a striped red circle on blue')."""
+    g = generator
+    names = list(COLORS)
+    rgb = torch.tensor([COLORS[c] for c in names])  # (K, 3)
+    fg = torch.randint(len(names), (n,), generator=g)
+    bg = (fg + torch.randint(1, len(names), (n,), generator=g)) % len(names)  # bg != fg
+    shape = torch.randint(len(SHAPES), (n,), generator=g)
+    texture = torch.randint(len(TEXTURES), (n,), generator=g)
+    cy, cx = (torch.rand(2, n, 1, 1, generator=g) * 12 + 10)  # centre in [10, 22]
+    r = torch.rand(n, 1, 1, generator=g) * 5 + 6  # "radius" in [6, 11]
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    dy, dx = yy - cy, xx - cx  # (n, H, W)
+    dist = (dy**2 + dx**2).sqrt()
+    masks = torch.stack([dist < r,
+                         torch.maximum(dy.abs(), dx.abs()) < r * 0.85,
+                         (dy > -r) & (dy < r * 0.8) & (dx.abs() < (dy + r) * 0.55),
+                         (dist < r) & (dist > r * 0.55)], 1)  # (n, 4, H, W)
+    mask = masks[torch.arange(n), shape].unsqueeze(1).float()  # (n, 1, H, W)
+    angle = torch.rand(n, 1, 1, generator=g) * math.pi
+    stripes = (torch.sin((dx * angle.cos() + dy * angle.sin()) * 1.6) > 0).float()
+    speckle = torch.rand(n, size, size, generator=g)
+    shade = torch.ones(n, size, size)
+    shade = torch.where((texture == 1).reshape(n, 1, 1), 0.35 + 0.65 * stripes, shade)
+    shade = torch.where((texture == 2).reshape(n, 1, 1), 0.4 + 0.6 * speckle, shade)
+    fg_img = rgb[fg].reshape(n, 3, 1, 1) * shade.unsqueeze(1)
+    images = mask * fg_img + (1 - mask) * rgb[bg].reshape(n, 3, 1, 1)
+    captions = [f"a {'' if TEXTURES[t] == 'plain' else TEXTURES[t] + ' '}{names[f]} {SHAPES[s]} on {names[b]}"
+                for t, f, s, b in zip(texture.tolist(), fg.tolist(), shape.tolist(), bg.tolist())]
+    return images.clamp(0, 1), captions
+
+
+def pretrain_tiny_pipeline(pipe, seed=0, vae_steps=300, unet_steps=800, batch_size=48, log=print):
+    """Make the random tiny pipeline a real (if small) text-to-image model: train the VAE as an
+    autoencoder, then the UNet as an epsilon-prediction denoiser on the VAE latents of synthetic captioned
+    images, with 10% of captions dropped for classifier-free guidance."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    vae, unet, text_encoder, scheduler = pipe.vae, pipe.unet, pipe.text_encoder, pipe.scheduler
+    t0 = time.time()
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0)
+    for step in range(vae_steps):
+        images, _ = synthetic_shapes(batch_size, g)
+        x = images * 2 - 1
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.mean + 0.05 * torch.randn(posterior.mean.shape, generator=g)).sample
+        loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == vae_steps - 1:
+            log(f"  tiny VAE   step {step:4d}/{vae_steps}  recon mse {loss.item():.4f}  {time.time() - t0:.0f}s")
+    vae.requires_grad_(False).eval()
+
+    # A fixed pool of encoded images: the UNet then trains without paying for the VAE every step.
+    with torch.no_grad():
+        images, captions = synthetic_shapes(8192, g)
+        latents = torch.cat([vae.encode(chunk * 2 - 1).latent_dist.mean for chunk in images.split(512)])
+        vae.register_to_config(scaling_factor=float(1 / latents.std()))
+        latents = latents * vae.config.scaling_factor
+        captions = [c if keep else "" for c, keep in zip(captions, (torch.rand(8192, generator=g) > 0.1).tolist())]
+        embeds = torch.cat([encode_prompts(pipe, chunk) for chunk in np.array_split(captions, 16)])
+
+    opt = torch.optim.AdamW(unet.parameters(), lr=2e-3, weight_decay=0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=unet_steps, pct_start=0.05)
+    for step in range(unet_steps):
+        idx = torch.randint(len(latents), (batch_size,), generator=g)
+        x0, emb = latents[idx], embeds[idx]
+        t = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t, emb).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 250 == 0 or step == unet_steps - 1:
+            log(f"  tiny UNet  step {step:4d}/{unet_steps}  denoising mse {loss.item():.4f}  {time.time() - t0:.0f}s")
+    unet.eval()
+    return pipe
+
+
+def tiny_pretrained_path(seed=0, log=print) -> str:
+    """Directory of the pretrained tiny pipeline for `seed`, building and caching it on first use.
+    Written to a temporary directory and renamed, so an interrupted build never leaves a broken cache."""
+    cache = Path(os.environ.get("DDPO_CACHE", Path.home() / ".cache" / "ddpo")) / f"{TINY_VERSION}-seed{seed}"
+    if not (cache / "model_index.json").exists():
+        log(f"pretraining the tiny pipeline once (cached in {cache}) ...")
+        with torch.random.fork_rng():
+            pipe = pretrain_tiny_pipeline(build_tiny_pipeline(seed), seed=seed, log=log)
+        tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        pipe.save_pretrained(tmp)
+        try:
+            os.replace(tmp, cache)
+        except OSError:  # another process finished first: theirs is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(cache)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Sampling: trajectories with per-step log-probs. The UNet call is shared with training (predict_noise),
+# so that re-scoring a stored trajectory with the weights that sampled it gives ratio == 1 exactly.
+# ------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_prompts(pipe, prompts):
+    """Text-encoder hidden states (B, L, D) for a list of prompts, padded to the tokenizer's max length."""
+    tokens = pipe.tokenizer(list(prompts), padding="max_length", truncation=True,
+                            max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
+    return pipe.text_encoder(tokens.input_ids.to(pipe.text_encoder.device))[0]
+
+
+def predict_noise(unet, latents, timesteps, cond_embeds, uncond_embeds, guidance_scale):
+    """Guided noise prediction eps_u + w * (eps_c - eps_u) from ONE batched UNet call on [uncond; cond].
+    latents (B, C, h, w) float32, timesteps scalar or (B,), embeds (B, L, D). Returns (B, C, h, w) float32.
+    Sampling and training both call this, under the same autocast, so their forward paths are identical."""
+    t = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
+    if guidance_scale <= 1:
+        return unet(latents, t, cond_embeds).sample.float()
+    eps = unet(torch.cat([latents, latents]), torch.cat([t, t]), torch.cat([uncond_embeds, cond_embeds])).sample
+    eps_uncond, eps_cond = eps.float().chunk(2)
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+@torch.no_grad()
+def sample_trajectories(unet, scheduler, cond_embeds, uncond_embeds, latent_shape, args, generator, autocast):
+    """DDIM trajectories with log-probs, all stored in float32 whatever the model dtype (the ratio must be
+    exactly 1 on-policy; fp16 latents would move it by ~1e-4, the size of the clip range).
+    Returns latents (B, T+1, C, h, w) = x_T .. x_0 and log_probs (B, T) of each step under the sampler."""
+    B = cond_embeds.shape[0]
+    x = torch.randn((B, *latent_shape), generator=generator, device=cond_embeds.device) * scheduler.init_noise_sigma
+    trajectory, log_probs = [x], []
+    for t in scheduler.timesteps:
+        with autocast():
+            eps = predict_noise(unet, x, t, cond_embeds, uncond_embeds, args.guidance_scale)
+        x, log_prob = ddim_step_with_logprob(scheduler, eps, t, x, eta=args.eta, generator=generator)
+        trajectory.append(x)
+        log_probs.append(log_prob)
+    return torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1)
+
+
+@torch.no_grad()
+def decode_images(vae, latents, autocast):
+    """VAE latents (B, C, h, w) -> images (B, 3, H, W) float32 in [0, 1]."""
+    with autocast():
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+class RewardError(Exception):
+    pass
+
+
+def check_rewards(scores, prompts, name):
+    """The reward contract, enforced: float (B,) and finite, or a message naming the reward and sample."""
+    scores = torch.as_tensor(scores)
+    if scores.shape != (len(prompts),):
+        raise RewardError(f"reward {name!r} returned scores of shape {tuple(scores.shape)}, expected "
+                          f"({len(prompts)},): one score per image")
+    bad = (~torch.isfinite(scores.float())).nonzero().flatten().tolist()
+    if bad:
+        raise RewardError(f"reward {name!r} returned {scores[bad[0]].item()} for sample {bad[0]} "
+                          f"(prompt {prompts[bad[0]]!r}); {len(bad)} of {len(prompts)} scores are not finite")
+    return scores.float().cpu()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Training on one epoch's samples (ddpo-notes §5.4).
+# ------------------------------------------------------------------------------------------------------
+def train_on_samples(unet, scheduler, samples, uncond_embeds, optimizer, params, scaler, args, generator,
+                     autocast, on_step):
+    """Inner epochs over `samples` (dict of (N, ...) tensors): shuffle samples, shuffle time per sample,
+    keep the first floor(T * timestep_fraction) timesteps, and for each train batch and kept timestep
+    recompute log p with the current UNet. Gradients accumulate over the kept timesteps and
+    `gradient_accumulation_steps` batches; then one clipped AdamW step, reported through on_step(metrics).
+    Returns the max |ratio - 1| before the first optimizer step (0 up to round-off when the forward
+    paths of sampling and training agree)."""
+    N, T = samples["timesteps"].shape
+    device = samples["latents"].device
+    T_train = max(1, int(T * args.timestep_fraction))
+    micro_steps = T_train * args.gradient_accumulation_steps
+    ratio_dev_onpolicy = None
+    stats = torch.zeros(4, device=device)  # sums over micro-steps: loss, approx_kl, clipfrac, count
+    ratio_dev = torch.zeros((), device=device)  # max |ratio - 1| since the last optimizer step
+    for _ in range(args.num_inner_epochs):
+        perm = torch.randperm(N, generator=generator).to(device)
+        shuffled = {k: v[perm] for k, v in samples.items()}
+        time_perm = torch.stack([torch.randperm(T, generator=generator) for _ in range(N)]).to(device)  # (N, T)
+        rows = torch.arange(N, device=device)[:, None]
+        for key in ("timesteps", "latents", "next_latents", "log_probs"):
+            shuffled[key] = shuffled[key][rows, time_perm]
+        for b, start in enumerate(range(0, N, args.train_batch_size)):
+            batch = {k: v[start:start + args.train_batch_size] for k, v in shuffled.items()}
+            uncond = uncond_embeds.expand(len(batch["embeds"]), -1, -1)
+            for j in range(T_train):
+                with autocast():
+                    eps = predict_noise(unet, batch["latents"][:, j], batch["timesteps"][:, j], batch["embeds"],
+                                        uncond, args.guidance_scale)
+                _, log_prob = ddim_step_with_logprob(scheduler, eps, batch["timesteps"][:, j], batch["latents"][:, j],
+                                                     eta=args.eta, prev_sample=batch["next_latents"][:, j])
+                loss, ratio = ddpo_loss(log_prob, batch["log_probs"][:, j], batch["advantages"], args.clip_range,
+                                        args.adv_clip_max)
+                scaler.scale(loss / micro_steps).backward()
+                with torch.no_grad():
+                    diff = log_prob - batch["log_probs"][:, j]
+                    stats += torch.stack([loss, 0.5 * (diff**2).mean(),
+                                          ((ratio - 1).abs() > args.clip_range).float().mean(),
+                                          torch.ones((), device=device)])
+                    ratio_dev = torch.maximum(ratio_dev, (ratio - 1).abs().max())
+            if (b + 1) % args.gradient_accumulation_steps:
+                continue
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, kl_sum, clip_sum, count, dev, norm = torch.cat(
+                [stats, ratio_dev[None], grad_norm.float().reshape(1).to(device)]).tolist()  # one host sync
+            if ratio_dev_onpolicy is None:
+                ratio_dev_onpolicy = dev
+            on_step({"train/loss": loss_sum / count, "train/approx_kl": kl_sum / count,
+                     "train/clipfrac": clip_sum / count, "train/ratio_dev_max": dev, "train/grad_norm": norm,
+                     "train/lr": optimizer.param_groups[0]["lr"]})
+            stats.zero_()
+            ratio_dev.zero_()
+    return ratio_dev_onpolicy
+
+
+# ------------------------------------------------------------------------------------------------------
+# Checkpoints: written to a temporary directory and renamed, so a crash mid-write never costs the
+# previous one. A checkpoint named epoch_K resumes at epoch K with the exact state of a run that got there
+# without stopping (weights, optimizer, stat tracker, every RNG).
+# ------------------------------------------------------------------------------------------------------
+RESUME_KEYS = ("model", "lora_rank", "resolution", "num_steps", "sample_batch_size", "sample_num_batches",
+               "train_batch_size", "gradient_accumulation_steps")  # change these and the state means something else
+
+
+def trainable_state(unet):
+    return {n: p.detach().cpu().clone() for n, p in unet.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(run_dir, next_epoch, unet, state, args, log=print):
+    from diffusers import StableDiffusionPipeline
+
+    root = Path(run_dir) / "checkpoints"
+    final, tmp = root / f"epoch_{next_epoch:04d}", root / f"epoch_{next_epoch:04d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if args.lora_rank > 0:  # diffusers' LoRA format: pipeline.load_lora_weights(dir) loads it
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora, safe_serialization=True)
+        state = {**state, "trainable": trainable_state(unet)}
+    else:
+        unet.save_pretrained(tmp / "unet")
+    torch.save(state, tmp / "trainer_state.pt")
+    (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-args.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    log(f"saved checkpoint {final}")
+
+
+def list_checkpoints(run_dir):
+    root = Path(run_dir) / "checkpoints"
+    done = [p for p in root.glob("epoch_*") if p.suffix != ".tmp" and (p / "trainer_state.pt").exists()]
+    return sorted(done)
+
+
+def check_resumable(checkpoint, args):
+    saved = json.loads((Path(checkpoint) / "config.json").read_text())
+    changed = [f"{k} {saved[k]!r} -> {getattr(args, k)!r}" for k in RESUME_KEYS if saved.get(k) != getattr(args, k)]
+    if changed:
+        fail(f"cannot resume from {checkpoint}: the run changed {'; '.join(changed)}. Resume with the "
+             "original settings or start a new --run-dir")
+
+
+def load_checkpoint(checkpoint, unet, args):
+    state = torch.load(Path(checkpoint) / "trainer_state.pt", map_location="cpu", weights_only=False)
+    if args.lora_rank > 0:
+        weights = state.pop("trainable")
+    else:
+        from diffusers import UNet2DConditionModel
+
+        weights = UNet2DConditionModel.from_pretrained(Path(checkpoint) / "unet").state_dict()
+    missing = set(trainable_state(unet)) - set(weights)
+    if missing:
+        fail(f"checkpoint {checkpoint} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if name in weights:
+                p.copy_(weights[name])
+    return state
+
+
+def rng_state(np_rng, sample_gen, train_gen):
+    return {"python": random.getstate(), "numpy": np_rng.bit_generator.state, "torch": torch.get_rng_state(),
+            "sample_gen": sample_gen.get_state(), "train_gen": train_gen.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state, np_rng, sample_gen, train_gen):
+    random.setstate(state["python"])
+    np_rng.bit_generator.state = state["numpy"]
+    torch.set_rng_state(state["torch"])
+    sample_gen.set_state(state["sample_gen"])
+    train_gen.set_state(state["train_gen"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_image_grid(path, images, prompts, scores, max_images=16):
+    """A PNG grid: each image (upscaled to at least 128 px) over its prompt and reward."""
+    from PIL import Image, ImageDraw
+
+    images = rewards_lib.to_uint8_hwc(images[:max_images])
+    side = max(128, images.shape[1])
+    cols = min(4, len(images))
+    rows = math.ceil(len(images) / cols)
+    grid = Image.new("RGB", (cols * side, rows * (side + 24)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (array, prompt, score) in enumerate(zip(images, prompts, scores)):
+        x, y = (i % cols) * side, (i // cols) * (side + 24)
+        grid.paste(Image.fromarray(array).resize((side, side), Image.NEAREST), (x, y))
+        draw.text((x + 2, y + side + 1), prompt[: side // 6], fill="black")
+        draw.text((x + 2, y + side + 12), f"r = {float(score):.4g}", fill="black")
+    grid.save(path)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Models.
+# ------------------------------------------------------------------------------------------------------
+def load_pipeline(args, device, dtype, log=print):
+    """The pipeline from a hub id, a local path, or 'tiny'; its scheduler swapped for DDIM."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    path = tiny_pretrained_path(seed=0, log=log) if args.model == "tiny" else args.model
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False)
+    except Exception as e:  # hub unreachable, missing files, not a diffusers SD checkpoint
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"could not load --model {args.model!r} ({reason}). Without network access a hub id cannot "
+             "be downloaded: pass a local diffusers directory, or --model tiny for the offline pipeline")
+    config = dict(pipe.scheduler.config)
+    # DDIMScheduler's own defaults clip x0 to [-1, 1] and set alpha_prev = 1 at the last step; SD was
+    # trained without either, and a config that lacks the keys would silently get them.
+    config.setdefault("clip_sample", False)
+    config.setdefault("set_alpha_to_one", False)
+    pipe.scheduler = DDIMScheduler.from_config(config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def setup_trainable(unet, args):
+    """LoRA adapters (peft) on the attention projections, or the whole UNet; trainable params in fp32."""
+    unet.requires_grad_(False)
+    if args.lora_rank > 0:
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    else:
+        unet.requires_grad_(True)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+# ------------------------------------------------------------------------------------------------------
+# The main loop (ddpo-notes §5): sample -> score (in a worker thread, overlapping the next batch) ->
+# advantages -> train.
+# ------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    from tqdm.auto import tqdm
+
+    args = parse_args(argv)
+    validate(args)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            fail(f"--device {args.device}: CUDA is not available on this machine")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+: free speed, ample precision here
+        torch.backends.cudnn.allow_tf32 = True
+    run_dir = Path(args.run_dir or f"runs/{args.reward}-{time.strftime('%Y%m%d-%H%M%S')}")
+    checkpoint = list_checkpoints(run_dir)[-1] if args.resume == "auto" and list_checkpoints(run_dir) else None
+    if args.resume not in (None, "auto"):
+        checkpoint = Path(args.resume)
+    if checkpoint is not None:
+        check_resumable(checkpoint, args)
+    prompts_all = load_prompts(args.prompts)
+    reward_fn = rewards_lib.get_reward_fn(args.reward, device=device)
+
+    # One dtype switch: frozen weights in `dtype` under autocast; trainable weights and trajectories fp32.
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    np_rng = np.random.default_rng(args.seed)  # prompts, control shuffles
+    sample_gen = torch.Generator(device).manual_seed(args.seed)  # sampling noise
+    train_gen = torch.Generator().manual_seed(args.seed + 1)  # training shuffles
+
+    pipe = load_pipeline(args, device, dtype)
+    unet = pipe.unet
+    params = setup_trainable(unet, args)
+    if args.lora_rank == 0:
+        unet.to(torch.float32)  # full fine-tuning: fp32 master weights, autocast does the rest
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
+    start_epoch, global_step = 0, 0
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, unet, args)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        tracker.load_state_dict(state["tracker"])
+        set_rng_state(state["rng"], np_rng, sample_gen, train_gen)
+        start_epoch, global_step = state["next_epoch"], state["global_step"]
+        print(f"resumed from {checkpoint} at epoch {start_epoch}, step {global_step}")
+
+    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    if args.resolution % vae_factor:
+        fail(f"--resolution {args.resolution} must be a multiple of the VAE's downsampling factor {vae_factor}")
+    latent_shape = (unet.config.in_channels, args.resolution // vae_factor, args.resolution // vae_factor)
+    pipe.scheduler.set_timesteps(args.num_steps, device=device)
+    uncond_embeds = encode_prompts(pipe, [""])  # (1, L, D), the empty prompt of classifier-free guidance
+
+    (run_dir / "images").mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    metrics_path = run_dir / "metrics.jsonl"
+    if metrics_path.exists():  # keep what the resumed state has seen; drop epochs it will redo
+        keep = [l for l in metrics_path.read_text().splitlines() if l and json.loads(l)["epoch"] < start_epoch]
+        metrics_path.write_text("".join(l + "\n" for l in keep))
+    metrics_file = open(metrics_path, "a")
+
+    def log_metrics(record):
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+
+    def checkpoint_state(next_epoch, rng):
+        return {"next_epoch": next_epoch, "global_step": global_step, "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "tracker": tracker.state_dict(), "rng": rng}
+
+    executor = ThreadPoolExecutor(max_workers=1)  # rewards of batch i while batch i+1 samples
+    samples_per_epoch = args.sample_batch_size * args.sample_num_batches
+    print(f"ddpo: {args.model} | reward {args.reward} | {samples_per_epoch} samples/epoch | "
+          f"{args.num_epochs} epochs | LoRA rank {args.lora_rank} | {device} {args.mixed_precision} | {run_dir}")
+    epoch, rng_at_epoch_start, saved_epoch, in_training = start_epoch, None, start_epoch, False
+    try:
+        for epoch in range(start_epoch, args.num_epochs):
+            rng_at_epoch_start, in_training = rng_state(np_rng, sample_gen, train_gen), False
+            t_epoch = time.perf_counter()
+            unet.eval()
+            batches, futures = [], []
+            for _ in tqdm(range(args.sample_num_batches), desc=f"epoch {epoch} sample", leave=False):
+                prompts = [prompts_all[i] for i in np_rng.integers(len(prompts_all), size=args.sample_batch_size)]
+                embeds = encode_prompts(pipe, prompts)
+                latents, log_probs = sample_trajectories(unet, pipe.scheduler, embeds, uncond_embeds.expand(
+                    len(prompts), -1, -1), latent_shape, args, sample_gen, autocast)
+                images = decode_images(pipe.vae, latents[:, -1], autocast)
+                futures.append(executor.submit(reward_fn, images, prompts))
+                batches.append(dict(prompts=prompts, embeds=embeds, latents=latents, log_probs=log_probs,
+                                    images=images))
+            t_sampled = time.perf_counter()
+            scores, infos = [], {}
+            for future, batch in zip(futures, batches):
+                score, info = future.result()
+                scores.append(check_rewards(score, batch["prompts"], args.reward))
+                for k, v in info.items():
+                    infos.setdefault(k, []).extend(np.asarray(v, dtype=float).tolist())
+            t_rewarded = time.perf_counter()
+            rewards = torch.cat(scores)
+            prompts = [p for b in batches for p in b["prompts"]]
+            if args.per_prompt_stat_tracking:
+                advantages = tracker.update(prompts, rewards.numpy())
+            else:
+                advantages = batch_advantages(rewards.numpy())
+            if args.shuffle_advantages:  # the control: same advantage values, no link to the samples
+                advantages = advantages[np_rng.permutation(len(advantages))]
+            trajectories = torch.cat([b["latents"] for b in batches])  # (N, T+1, C, h, w)
+            samples = {"embeds": torch.cat([b["embeds"] for b in batches]),
+                       "latents": trajectories[:, :-1], "next_latents": trajectories[:, 1:],
+                       "log_probs": torch.cat([b["log_probs"] for b in batches]),
+                       "timesteps": pipe.scheduler.timesteps.repeat(len(prompts), 1),
+                       "advantages": torch.as_tensor(advantages, dtype=torch.float32, device=device)}
+            if args.image_every and epoch % args.image_every == 0:
+                save_image_grid(run_dir / "images" / f"epoch_{epoch:04d}.png", batches[0]["images"],
+                                batches[0]["prompts"], scores[0].tolist())
+
+            unet.train()
+            in_training, step_metrics = True, []
+
+            def on_step(metrics):
+                nonlocal global_step
+                global_step += 1
+                step_metrics.append(metrics)
+                log_metrics({"epoch": epoch, "step": global_step, **metrics})
+
+            ratio_dev = train_on_samples(unet, pipe.scheduler, samples, uncond_embeds, optimizer, params, scaler,
+                                         args, train_gen, autocast, on_step)
+            t_end = time.perf_counter()
+            record = {"epoch": epoch, "step": global_step,
+                      "reward/mean": rewards.mean().item(), "reward/std": rewards.std(unbiased=False).item(),
+                      "reward/min": rewards.min().item(), "reward/max": rewards.max().item(),
+                      "train/ratio_dev_onpolicy": ratio_dev,
+                      **{f"reward_info/{k}": float(np.mean(v)) for k, v in infos.items()},
+                      **{f"{k}_epoch_mean": float(np.mean([m[k] for m in step_metrics])) for k in
+                         ("train/loss", "train/approx_kl", "train/clipfrac", "train/grad_norm")},
+                      "time/epoch_s": t_end - t_epoch, "time/sample_s": t_sampled - t_epoch,
+                      "time/reward_wait_s": t_rewarded - t_sampled, "time/train_s": t_end - t_rewarded,
+                      "samples_per_s": len(prompts) / (t_end - t_epoch)}
+            log_metrics(record)
+            print(f"epoch {epoch:4d} | reward {record['reward/mean']:+.4f} ± {record['reward/std']:.4f} | "
+                  f"kl {record['train/approx_kl_epoch_mean']:.2e} | clipfrac {record['train/clipfrac_epoch_mean']:.3f}"
+                  f" | ratio-1 on-policy {ratio_dev:.1e} | {record['time/epoch_s']:.1f}s")
+            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs:
+                save_checkpoint(run_dir, epoch + 1, unet, checkpoint_state(
+                    epoch + 1, rng_state(np_rng, sample_gen, train_gen)), args)
+                saved_epoch = epoch + 1
+    except (RewardError, KeyboardInterrupt) as e:
+        # Weights change only in the training phase: if it has not started, the state is exactly that of
+        # the start of this epoch, so keep it rather than lose the epochs since the last checkpoint.
+        if rng_at_epoch_start is not None and epoch > saved_epoch and not in_training:
+            save_checkpoint(run_dir, epoch, unet, checkpoint_state(epoch, rng_at_epoch_start), args)
+        if isinstance(e, RewardError):
+            fail(f"{e}. Stopped at epoch {epoch}; checkpoints are in {run_dir / 'checkpoints'}")
+        raise
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+        metrics_file.close()
+    return run_dir
+
+
+if __name__ == "__main__":
+    main()
