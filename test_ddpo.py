@@ -16,6 +16,7 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 import ddpo
+import kernels
 import rewards
 
 
@@ -169,3 +170,171 @@ def test_brightness_rewards():
     images = torch.stack([torch.full((3, 4, 4), 0.25), torch.full((3, 4, 4), 1.0)])
     torch.testing.assert_close(rewards.brightness(images, ["a", "b"])[0], torch.tensor([0.25, 1.0]))
     torch.testing.assert_close(rewards.darkness(images, ["a", "b"])[0], torch.tensor([0.75, 0.0]))
+
+
+# ------------------------------------------------------------------------------------------------------
+# The script: bad input, a whole tiny run, its checkpoint
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["--reward", "no_such_reward"], "unknown reward 'no_such_reward'"),
+    (["--preset", "no_such_preset"], "unknown preset 'no_such_preset'"),
+    (["--train-batch-size", "5"], "must be divisible by train_batch_size 5"),
+    (["--eta", "0"], "--eta must be > 0"),
+    (["--eta", "-1"], "--eta must be > 0"),
+    (["--prompts", "no_such_file.txt"], "is neither a built-in set"),
+    (["--prompts", "EMPTY"], "has no prompts"),
+    (["--model", "./no/such/model"], "no such directory"),
+    (["--timestep-fraction", "0"], "--timestep-fraction must be in (0, 1]"),
+    (["--mixed-precision", "fp8"], "--mixed-precision must be no, fp16 or bf16"),
+    (["--preset", "aesthetic"], "reward 'aesthetic' is not implemented yet"),
+])
+def test_bad_input_fails_in_one_line_before_models_load(argv, message, monkeypatch, tmp_path):
+    monkeypatch.setattr(ddpo, "load_pipeline", lambda *a, **k: pytest.fail("models loaded before input was checked"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    argv = [str(empty) if a == "EMPTY" else a for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        ddpo.main(["--preset", "tiny", *argv, "--run-dir", str(tmp_path / "run")])
+    text = str(exit_info.value.code)
+    assert text.startswith("ddpo.py: error: ") and message in text and "\n" not in text
+    assert not (tmp_path / "run").exists()
+
+
+def test_preset_first_then_flags_override():
+    args = ddpo.parse_args(["--num-epochs", "7", "--preset", "tiny", "--no-per-prompt-stat-tracking"])
+    assert args.num_epochs == 7 and args.model == "tiny" and args.resolution == 32
+    assert args.per_prompt_stat_tracking is False
+    assert ddpo.parse_args(["--preset", "aesthetic"]).gradient_accumulation_steps == 4
+
+
+def read_metrics(run_dir):
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [l for l in lines if "reward/mean" in l], [l for l in lines if "train/loss" in l]
+
+
+LORA_CFG = ["--lora-rank", "4", "--guidance-scale", "3", "--learning-rate", "3e-3"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    # LoRA and classifier-free guidance explicitly: the tiny preset itself uses neither
+    ddpo.main(["--preset", "tiny", *LORA_CFG, "--num-epochs", "2", "--run-dir", str(run_dir), "--image-every", "1",
+               "--save-every", "1", "--keep-checkpoints", "1"])
+    return run_dir
+
+
+def test_tiny_run_writes_the_run_directory(tiny_run):
+    epochs, steps = read_metrics(tiny_run)
+    assert [e["epoch"] for e in epochs] == [0, 1]
+    for e in epochs:
+        for key in ("reward/mean", "reward/std", "reward/min", "reward/max", "time/epoch_s", "time/sample_s",
+                    "time/reward_wait_s", "time/train_s", "train/ratio_dev_onpolicy", "samples_per_s"):
+            assert math.isfinite(e[key]), key
+        assert e["reward/min"] <= e["reward/mean"] <= e["reward/max"]
+        # fp32 run: scoring a trajectory with the weights that sampled it gives ratio 1 to round-off
+        assert e["train/ratio_dev_onpolicy"] <= 1e-5
+    args = ddpo.parse_args(["--preset", "tiny"])
+    per_epoch = args.sample_batch_size * args.sample_num_batches // (args.train_batch_size * args.gradient_accumulation_steps)
+    assert [s["step"] for s in steps] == list(range(1, 2 * per_epoch + 1))
+    for s in steps:
+        for key in ("train/loss", "train/approx_kl", "train/clipfrac", "train/grad_norm", "train/lr"):
+            assert math.isfinite(s[key]), key
+    assert json.loads((tiny_run / "config.json").read_text())["num_epochs"] == 2
+    for name in ("epoch_0000.png", "epoch_0001.png"):
+        with Image.open(tiny_run / "images" / name) as grid:
+            assert grid.size == (4 * 128, 4 * (128 + 24))  # 16 samples, 4 x 4, each 128 px + caption
+    assert [p.name for p in ddpo.list_checkpoints(tiny_run)] == ["epoch_0002"]  # keep-checkpoints 1
+
+
+def test_lora_checkpoint_loads_with_load_lora_weights_and_reproduces_the_trained_unet(tiny_run):
+    from diffusers import StableDiffusionPipeline
+
+    checkpoint = tiny_run / "checkpoints" / "epoch_0002"
+    base = ddpo.tiny_pretrained_path()
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
+    g = torch.Generator().manual_seed(0)
+    x, t, emb = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500, 20]), torch.randn(2, 32, 32, generator=g)
+    with torch.no_grad():
+        before = pipe.unet(x, t, emb).sample
+        pipe.load_lora_weights(checkpoint)
+        after = pipe.unet(x, t, emb).sample
+        # second path: the raw trained parameters from trainer_state.pt in a freshly adapted UNet
+        unet = StableDiffusionPipeline.from_pretrained(base, safety_checker=None).unet
+        ddpo.setup_trainable(unet, ddpo.parse_args(["--preset", "tiny", *LORA_CFG]))
+        trained = torch.load(checkpoint / "trainer_state.pt", weights_only=False)["trainable"]
+        assert set(trained) == set(ddpo.trainable_state(unet))
+        unet.load_state_dict(trained, strict=False)
+        expected = unet(x, t, emb).sample
+    assert (after - before).abs().max() > 1e-4  # the LoRA changes the output ...
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-6)  # ... into exactly the trained UNet's
+    image = pipe("a red circle on blue", num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                 output_type="np").images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda images: torch.full((len(images),), float("nan")), "returned nan for sample 0"),
+    (lambda images: torch.zeros(len(images), 1), "returned scores of shape"),
+])
+def test_a_broken_reward_stops_the_run_with_a_clear_message(bad, message, monkeypatch, tmp_path):
+    monkeypatch.setitem(rewards.REWARDS, "broken", lambda images, prompts: (bad(images), {}))
+    with pytest.raises(SystemExit) as exit_info:
+        ddpo.main(["--preset", "tiny", "--reward", "broken", "--num-epochs", "1", "--run-dir", str(tmp_path)])
+    text = str(exit_info.value.code)
+    assert "reward 'broken'" in text and message in text
+
+
+def test_brightness_learns_both_ways_beyond_the_shuffled_advantage_control(tmp_path):
+    """Learning that no control can explain: the same seed with advantages shuffled across samples (no
+    link between a sample and its reward) is the baseline, because any update moves this small model's
+    images somewhat (here: brighter). Up must beat it upwards, down downwards."""
+    brightness = {}
+    for name, argv in [("up", ["--reward", "brightness"]), ("down", ["--reward", "darkness"]),
+                       ("control", ["--reward", "brightness", "--shuffle-advantages"])]:
+        run_dir = tmp_path / name
+        ddpo.main(["--preset", "tiny", *argv, "--num-epochs", "15", "--run-dir", str(run_dir), "--image-every", "0",
+                   "--save-every", "100"])
+        epochs, _ = read_metrics(run_dir)
+        means = [e["reward/mean"] if name != "down" else 1 - e["reward/mean"] for e in epochs]  # as brightness
+        brightness[name] = (means[0], float(np.mean(means[-5:])), epochs[0]["reward/std"])
+    start, _, std = brightness["control"]
+    assert brightness["up"][0] == brightness["down"][0] == start  # same seed, same first epoch
+    assert brightness["up"][1] > brightness["control"][1] + 0.3 * std, brightness
+    assert brightness["down"][1] < brightness["control"][1] - 0.5 * std, brightness
+    assert brightness["down"][1] < start - 0.3 * std, brightness  # down moves down, against the drift
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("cfg", [True, False])
+def test_kernel_reference_matches_float64_formulas_and_gradients(prediction_type, cfg):
+    scheduler = sd_scheduler(prediction_type=prediction_type)
+    g = torch.Generator().manual_seed(3)
+    B, shape, w = 3, (3, 4, 17, 23), 5.0
+    t = torch.stack([scheduler.timesteps[0], scheduler.timesteps[20], scheduler.timesteps[-1]])
+    eps_c, eps_u, x_t = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3))
+    guided = eps_u + w * (eps_c - eps_u) if cfg else eps_c
+    x_prev, _ = ddpo.ddim_step_with_logprob(scheduler, guided, t, x_t, generator=g)  # a realistic transition
+    _, _, logp64 = reference_step64(scheduler, guided, t, x_t, x_prev, 1.0)
+    old = logp64.float() + 0.01 * torch.randn(B, generator=g)
+    coefs = ddpo.ddim_coefficients(scheduler, t, B, 1.0, "cpu")
+
+    c32, u32 = eps_c.float().requires_grad_(), eps_u.float().requires_grad_()
+    logp, ratio = kernels.ddim_logprob_ratio_reference(c32, u32 if cfg else None, w, *coefs, x_t.float(), x_prev,
+                                                       old, prediction_type)
+    c64, u64 = eps_c.clone().requires_grad_(), eps_u.clone().requires_grad_()
+    guided64 = u64 + w * (c64 - u64) if cfg else c64
+    _, _, ref_logp = reference_step64(scheduler, guided64, t, x_t, x_prev, 1.0)
+    ref_ratio = torch.exp(ref_logp - old.double())
+    torch.testing.assert_close(logp.double(), ref_logp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ratio.double(), ref_ratio, rtol=1e-5, atol=0)
+
+    up_logp, up_ratio = torch.randn(B, generator=g), torch.randn(B, generator=g)  # random upstream gradient
+    (logp * up_logp + ratio * up_ratio).sum().backward()
+    (ref_logp * up_logp.double() + ref_ratio * up_ratio.double()).sum().backward()
+    scale = c64.grad.abs().max().item()
+    torch.testing.assert_close(c32.grad.double(), c64.grad, rtol=1e-5, atol=1e-5 * scale)
+    if cfg:
+        torch.testing.assert_close(u32.grad.double(), u64.grad, rtol=1e-5, atol=1e-5 * scale)
+    else:
+        assert u32.grad is None
