@@ -338,3 +338,32 @@ def test_kernel_reference_matches_float64_formulas_and_gradients(prediction_type
         torch.testing.assert_close(u32.grad.double(), u64.grad, rtol=1e-5, atol=1e-5 * scale)
     else:
         assert u32.grad is None
+
+
+def unet_weights(checkpoint):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(checkpoint / "unet").state_dict()
+
+
+def test_resume_is_exact(tmp_path):
+    """4 epochs straight == 2 epochs, then --resume auto for 2 more: bitwise, weights and metrics."""
+    common = ["--preset", "tiny", "--image-every", "0", "--save-every", "2"]
+    ddpo.main([*common, "--num-epochs", "4", "--run-dir", str(tmp_path / "straight")])
+    ddpo.main([*common, "--num-epochs", "2", "--run-dir", str(tmp_path / "resumed")])
+    ddpo.main([*common, "--num-epochs", "4", "--run-dir", str(tmp_path / "resumed"), "--resume", "auto"])
+    a = unet_weights(tmp_path / "straight" / "checkpoints" / "epoch_0004")
+    b = unet_weights(tmp_path / "resumed" / "checkpoints" / "epoch_0004")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    untimed = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/") and k != "samples_per_s"}
+                            for r in rows]
+    (ea, sa), (eb, sb) = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert [e["epoch"] for e in eb] == [0, 1, 2, 3]  # appended, no duplicates
+    assert untimed(ea) == untimed(eb) and untimed(sa) == untimed(sb)
+
+
+def test_resume_refuses_a_config_that_changes_the_state(tmp_path):
+    ddpo.main(["--preset", "tiny", "--num-epochs", "1", "--image-every", "0", "--run-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="cannot resume .* train_batch_size 16 -> 8"):
+        ddpo.main(["--preset", "tiny", "--num-epochs", "2", "--train-batch-size", "8", "--run-dir", str(tmp_path),
+                   "--resume", "auto"])
