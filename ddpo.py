@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import kernels
 import rewards as rewards_lib
 
 
@@ -57,6 +58,8 @@ class Args:
     mixed_precision: str = arg("fp16", "no | fp16 | bf16: dtype of frozen weights and autocast; "
                                "trainable parameters and stored trajectories stay float32")
     device: str = arg("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
+    fused_kernel: str = arg("auto", "auto | on | off: the Triton kernel of kernels.py for the training step's "
+                            "log-prob (auto = on for CUDA, or on CPU under TRITON_INTERPRET=1)")
     # task
     reward: str = arg("jpeg_compressibility", "reward function name, see rewards.REWARDS")
     prompts: str = arg("imagenet_animals", "built-in prompt set name (see PROMPT_SETS) or a .txt file, "
@@ -103,11 +106,13 @@ class Args:
 PRESETS = {
     # CPU, offline: the tiny pipeline pretrained in code. Minutes on 2 cores. Full fine-tuning of its
     # 0.8M-parameter UNet and no CFG: measured to learn faster per CPU second than LoRA or CFG here.
+    # clip_range 1e-3: log p is a mean over 4*8*8 = 256 latent elements instead of SD's 16384, so the
+    # ratio's noise is sqrt(64) = 8x larger and SD's 1e-4 clips most gradients after the first step.
     "tiny": dict(model="tiny", prompts="tiny_shapes", reward="jpeg_compressibility", mixed_precision="no",
                  resolution=32, num_steps=10, guidance_scale=1.0, sample_batch_size=32, sample_num_batches=2,
                  train_batch_size=16, gradient_accumulation_steps=1, timestep_fraction=0.5, num_epochs=60,
-                 lora_rank=0, learning_rate=3e-4, stat_buffer_size=32, stat_min_count=8, save_every=20,
-                 image_every=10),
+                 lora_rank=0, learning_rate=3e-4, clip_range=1e-3, stat_buffer_size=32, stat_min_count=8,
+                 save_every=20, image_every=10),
     # ddpo-notes §6 (kvablack/ddpo-pytorch, SD v1.4, LoRA r4, fp16), sizes per GPU for 8 GPUs (6 for alignment).
     "compressibility": dict(reward="jpeg_compressibility", prompts="imagenet_animals", num_epochs=100,
                             sample_batch_size=8, sample_num_batches=4, train_batch_size=4,
@@ -202,6 +207,8 @@ def validate(args: Args):
     if not args.eta > 0:
         fail(f"--eta must be > 0 (got {args.eta}): at eta = 0 DDIM is deterministic and the policy has "
              "no log-likelihood")
+    if args.fused_kernel not in ("auto", "on", "off"):
+        fail(f"--fused-kernel must be auto, on or off (got {args.fused_kernel!r})")
     if args.mixed_precision not in ("no", "fp16", "bf16"):
         fail(f"--mixed-precision must be no, fp16 or bf16 (got {args.mixed_precision!r})")
     for name in ("num_steps", "sample_batch_size", "sample_num_batches", "train_batch_size",
@@ -521,7 +528,7 @@ def tiny_pretrained_path(seed=0, log=print) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------
-# Sampling: trajectories with per-step log-probs. The UNet call is shared with training (predict_noise),
+# Sampling: trajectories with per-step log-probs. The UNet call is shared with training (noise_preds),
 # so that re-scoring a stored trajectory with the weights that sampled it gives ratio == 1 exactly.
 # ------------------------------------------------------------------------------------------------------
 @torch.no_grad()
@@ -532,16 +539,23 @@ def encode_prompts(pipe, prompts):
     return pipe.text_encoder(tokens.input_ids.to(pipe.text_encoder.device))[0]
 
 
-def predict_noise(unet, latents, timesteps, cond_embeds, uncond_embeds, guidance_scale):
-    """Guided noise prediction eps_u + w * (eps_c - eps_u) from ONE batched UNet call on [uncond; cond].
-    latents (B, C, h, w) float32, timesteps scalar or (B,), embeds (B, L, D). Returns (B, C, h, w) float32.
-    Sampling and training both call this, under the same autocast, so their forward paths are identical."""
+def noise_preds(unet, latents, timesteps, cond_embeds, uncond_embeds, guidance_scale):
+    """(eps_cond, eps_uncond) from ONE batched UNet call on [uncond; cond]; eps_uncond is None without CFG
+    (guidance_scale <= 1). latents (B, C, h, w) float32, timesteps scalar or (B,), embeds (B, L, D).
+    Outputs stay in the model dtype. Sampling and training both call this, under the same autocast."""
     t = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
     if guidance_scale <= 1:
-        return unet(latents, t, cond_embeds).sample.float()
+        return unet(latents, t, cond_embeds).sample, None
     eps = unet(torch.cat([latents, latents]), torch.cat([t, t]), torch.cat([uncond_embeds, cond_embeds])).sample
-    eps_uncond, eps_cond = eps.float().chunk(2)
-    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+    eps_uncond, eps_cond = eps.chunk(2)
+    return eps_cond, eps_uncond
+
+
+def guide(eps_cond, eps_uncond, guidance_scale):
+    """Classifier-free guidance in float32: eps_u + w * (eps_c - eps_u)."""
+    if eps_uncond is None:
+        return eps_cond.float()
+    return eps_uncond.float() + guidance_scale * (eps_cond.float() - eps_uncond.float())
 
 
 @torch.no_grad()
@@ -554,8 +568,9 @@ def sample_trajectories(unet, scheduler, cond_embeds, uncond_embeds, latent_shap
     trajectory, log_probs = [x], []
     for t in scheduler.timesteps:
         with autocast():
-            eps = predict_noise(unet, x, t, cond_embeds, uncond_embeds, args.guidance_scale)
-        x, log_prob = ddim_step_with_logprob(scheduler, eps, t, x, eta=args.eta, generator=generator)
+            eps_cond, eps_uncond = noise_preds(unet, x, t, cond_embeds, uncond_embeds, args.guidance_scale)
+        x, log_prob = ddim_step_with_logprob(scheduler, guide(eps_cond, eps_uncond, args.guidance_scale), t, x,
+                                             eta=args.eta, generator=generator)
         trajectory.append(x)
         log_probs.append(log_prob)
     return torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1)
@@ -590,7 +605,7 @@ def check_rewards(scores, prompts, name):
 # Training on one epoch's samples (ddpo-notes §5.4).
 # ------------------------------------------------------------------------------------------------------
 def train_on_samples(unet, scheduler, samples, uncond_embeds, optimizer, params, scaler, args, generator,
-                     autocast, on_step):
+                     autocast, on_step, fused=False):
     """Inner epochs over `samples` (dict of (N, ...) tensors): shuffle samples, shuffle time per sample,
     keep the first floor(T * timestep_fraction) timesteps, and for each train batch and kept timestep
     recompute log p with the current UNet. Gradients accumulate over the kept timesteps and
@@ -615,11 +630,15 @@ def train_on_samples(unet, scheduler, samples, uncond_embeds, optimizer, params,
             batch = {k: v[start:start + args.train_batch_size] for k, v in shuffled.items()}
             uncond = uncond_embeds.expand(len(batch["embeds"]), -1, -1)
             for j in range(T_train):
+                x_t, t, x_prev = batch["latents"][:, j], batch["timesteps"][:, j], batch["next_latents"][:, j]
                 with autocast():
-                    eps = predict_noise(unet, batch["latents"][:, j], batch["timesteps"][:, j], batch["embeds"],
-                                        uncond, args.guidance_scale)
-                _, log_prob = ddim_step_with_logprob(scheduler, eps, batch["timesteps"][:, j], batch["latents"][:, j],
-                                                     eta=args.eta, prev_sample=batch["next_latents"][:, j])
+                    eps_cond, eps_uncond = noise_preds(unet, x_t, t, batch["embeds"], uncond, args.guidance_scale)
+                if fused:  # kernels.py: guidance, DDIM mean and log-prob in one Triton kernel each way
+                    log_prob, _ = kernels.ddim_logprob_ratio(scheduler, eps_cond, eps_uncond, args.guidance_scale, t,
+                                                             x_t, x_prev, batch["log_probs"][:, j], eta=args.eta)
+                else:
+                    _, log_prob = ddim_step_with_logprob(scheduler, guide(eps_cond, eps_uncond, args.guidance_scale),
+                                                         t, x_t, eta=args.eta, prev_sample=x_prev)
                 loss, ratio = ddpo_loss(log_prob, batch["log_probs"][:, j], batch["advantages"], args.clip_range,
                                         args.adv_clip_max)
                 scaler.scale(loss / micro_steps).backward()
@@ -853,6 +872,8 @@ def main(argv=None):
         fail(f"--resolution {args.resolution} must be a multiple of the VAE's downsampling factor {vae_factor}")
     latent_shape = (unet.config.in_channels, args.resolution // vae_factor, args.resolution // vae_factor)
     pipe.scheduler.set_timesteps(args.num_steps, device=device)
+    fused = args.fused_kernel == "on" or (args.fused_kernel == "auto" and (device.type == "cuda" or
+                                                                          kernels.triton_interpreter_on()))
     uncond_embeds = encode_prompts(pipe, [""])  # (1, L, D), the empty prompt of classifier-free guidance
 
     (run_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -927,7 +948,7 @@ def main(argv=None):
                 log_metrics({"epoch": epoch, "step": global_step, **metrics})
 
             ratio_dev = train_on_samples(unet, pipe.scheduler, samples, uncond_embeds, optimizer, params, scaler,
-                                         args, train_gen, autocast, on_step)
+                                         args, train_gen, autocast, on_step, fused)
             t_end = time.perf_counter()
             record = {"epoch": epoch, "step": global_step,
                       "reward/mean": rewards.mean().item(), "reward/std": rewards.std(unbiased=False).item(),

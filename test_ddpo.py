@@ -8,6 +8,13 @@ import io
 import json
 import math
 import os
+import re
+import subprocess
+import sys
+
+# Before triton is imported: run the Triton kernels of kernels.py on CPU tensors through the interpreter.
+# ddpo.py then also trains through them on CPU (--fused-kernel auto), so the training tests cover them.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np
 import pytest
@@ -305,41 +312,6 @@ def test_brightness_learns_both_ways_beyond_the_shuffled_advantage_control(tmp_p
     assert brightness["down"][1] < start - 0.3 * std, brightness  # down moves down, against the drift
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("cfg", [True, False])
-def test_kernel_reference_matches_float64_formulas_and_gradients(prediction_type, cfg):
-    scheduler = sd_scheduler(prediction_type=prediction_type)
-    g = torch.Generator().manual_seed(3)
-    B, shape, w = 3, (3, 4, 17, 23), 5.0
-    t = torch.stack([scheduler.timesteps[0], scheduler.timesteps[20], scheduler.timesteps[-1]])
-    eps_c, eps_u, x_t = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3))
-    guided = eps_u + w * (eps_c - eps_u) if cfg else eps_c
-    x_prev, _ = ddpo.ddim_step_with_logprob(scheduler, guided, t, x_t, generator=g)  # a realistic transition
-    _, _, logp64 = reference_step64(scheduler, guided, t, x_t, x_prev, 1.0)
-    old = logp64.float() + 0.01 * torch.randn(B, generator=g)
-    coefs = ddpo.ddim_coefficients(scheduler, t, B, 1.0, "cpu")
-
-    c32, u32 = eps_c.float().requires_grad_(), eps_u.float().requires_grad_()
-    logp, ratio = kernels.ddim_logprob_ratio_reference(c32, u32 if cfg else None, w, *coefs, x_t.float(), x_prev,
-                                                       old, prediction_type)
-    c64, u64 = eps_c.clone().requires_grad_(), eps_u.clone().requires_grad_()
-    guided64 = u64 + w * (c64 - u64) if cfg else c64
-    _, _, ref_logp = reference_step64(scheduler, guided64, t, x_t, x_prev, 1.0)
-    ref_ratio = torch.exp(ref_logp - old.double())
-    torch.testing.assert_close(logp.double(), ref_logp, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ratio.double(), ref_ratio, rtol=1e-5, atol=0)
-
-    up_logp, up_ratio = torch.randn(B, generator=g), torch.randn(B, generator=g)  # random upstream gradient
-    (logp * up_logp + ratio * up_ratio).sum().backward()
-    (ref_logp * up_logp.double() + ref_ratio * up_ratio.double()).sum().backward()
-    scale = c64.grad.abs().max().item()
-    torch.testing.assert_close(c32.grad.double(), c64.grad, rtol=1e-5, atol=1e-5 * scale)
-    if cfg:
-        torch.testing.assert_close(u32.grad.double(), u64.grad, rtol=1e-5, atol=1e-5 * scale)
-    else:
-        assert u32.grad is None
-
-
 def unet_weights(checkpoint):
     from diffusers import UNet2DConditionModel
 
@@ -367,3 +339,235 @@ def test_resume_refuses_a_config_that_changes_the_state(tmp_path):
     with pytest.raises(SystemExit, match="cannot resume .* train_batch_size 16 -> 8"):
         ddpo.main(["--preset", "tiny", "--num-epochs", "2", "--train-batch-size", "8", "--run-dir", str(tmp_path),
                    "--resume", "auto"])
+
+
+def test_bf16_lora_run_keeps_trainable_weights_fp32(tmp_path, monkeypatch):
+    seen = {}
+    original = ddpo.setup_trainable
+
+    def spy(unet, args):
+        params = original(unet, args)
+        seen["trainable"] = {p.dtype for p in params}
+        seen["frozen"] = {p.dtype for p in unet.parameters() if not p.requires_grad}
+        return params
+
+    monkeypatch.setattr(ddpo, "setup_trainable", spy)
+    ddpo.main(["--preset", "tiny", *LORA_CFG, "--mixed-precision", "bf16", "--num-epochs", "1", "--image-every", "0",
+               "--run-dir", str(tmp_path)])
+    assert seen == {"trainable": {torch.float32}, "frozen": {torch.bfloat16}}
+    epochs, steps = read_metrics(tmp_path)
+    assert len(epochs) == 1 and all(math.isfinite(s["train/loss"]) for s in steps)
+
+
+def test_unreachable_hub_id_gives_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        ddpo.main(["--model", "ddpo-tests/no-such-model", "--num-epochs", "1", "--run-dir", str(tmp_path / "run")])
+    text = str(exit_info.value.code)
+    assert text.startswith("ddpo.py: error: could not load --model 'ddpo-tests/no-such-model'")
+    assert "--model tiny" in text and "\n" not in text and not (tmp_path / "run").exists()
+
+
+
+# ------------------------------------------------------------------------------------------------------
+# kernels.py: the fused Triton kernels (interpreter) and their reference against float64
+# ------------------------------------------------------------------------------------------------------
+def kernel_case(prediction_type, shape, dtype, cfg, seed=3, w=5.0):
+    """Random inputs for ddim_logprob_ratio, with x_prev drawn from the policy (so log p is realistic), and
+    the float64 truth: log p, ratio and their gradients with respect to both noise predictions under a
+    random upstream gradient, from reference_step64 (the notes' formulas, per sample, float64)."""
+    scheduler = sd_scheduler(prediction_type=prediction_type)
+    g = torch.Generator().manual_seed(seed)
+    B = shape[0]
+    t = scheduler.timesteps[torch.randint(len(scheduler.timesteps), (B,), generator=g)]
+    t[0] = scheduler.timesteps[-1]  # always include the last step, where std is smallest
+    cond, uncond = (torch.randn(shape, generator=g).to(dtype) for _ in range(2))
+    x_t = torch.randn(shape, generator=g)
+    c64, u64 = cond.double().requires_grad_(), uncond.double().requires_grad_()
+    guided64 = u64 + w * (c64 - u64) if cfg else c64
+    x_prev, _ = ddpo.ddim_step_with_logprob(scheduler, guided64.detach(), t, x_t, generator=g)
+    _, _, logp64 = reference_step64(scheduler, guided64, t, x_t, x_prev, 1.0)
+    old = (logp64.detach() + 0.01 * torch.randn(B, generator=g, dtype=torch.float64)).float()
+    ratio64 = torch.exp(logp64 - old.double())
+    up_logp, up_ratio = torch.randn(B, generator=g), torch.randn(B, generator=g)
+    (logp64 * up_logp.double() + ratio64 * up_ratio.double()).sum().backward()
+    truth = dict(logp=logp64.detach(), ratio=ratio64.detach(), grad_c=c64.grad, grad_u=u64.grad if cfg else None)
+    inputs = dict(scheduler=scheduler, cond=cond, uncond=uncond if cfg else None, w=w, t=t, x_t=x_t,
+                  x_prev=x_prev, old=old, up=(up_logp, up_ratio))
+    return inputs, truth
+
+
+def run_fused(inputs, fused, transform=lambda x: x):
+    cond = transform(inputs["cond"]).requires_grad_()
+    uncond = None if inputs["uncond"] is None else transform(inputs["uncond"]).requires_grad_()
+    logp, ratio = kernels.ddim_logprob_ratio(inputs["scheduler"], cond, uncond, inputs["w"], inputs["t"],
+                                             transform(inputs["x_t"]), transform(inputs["x_prev"]), inputs["old"],
+                                             fused=fused)
+    up_logp, up_ratio = inputs["up"]
+    (logp * up_logp + ratio * up_ratio).sum().backward()
+    return logp, ratio, cond.grad, None if uncond is None else uncond.grad
+
+
+# Tolerances. fp32: 1e-5 relative for log p and ratio. The gradient is proportional to x_prev - mu, a
+# difference of O(std) (0.02 at the last step) between O(1) numbers, so float32 leaves an absolute error of
+# about eps32 |x| / std ~ 3e-6 of the gradient's scale: gradients are checked to 1e-5 of their scale.
+# bf16/fp16 inputs: the truth is computed from the same rounded inputs, so log p and ratio still meet 1e-5
+# (all arithmetic is float32); the gradients are returned in the input dtype. fp16: round to nearest, at
+# most 2^-11 relative. bf16: the Triton 3.9 interpreter converts float32 -> bf16 by truncation (its
+# cast_impl ignores rounding modes), one ulp = 2^-7 relative at worst; compiled code rounds to nearest,
+# which the AOT test checks in the PTX (cvt.rn.bf16.f32).
+GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-11}
+
+
+def assert_matches_truth(result, truth, dtype):
+    logp, ratio, grad_c, grad_u = result
+    assert logp.dtype == ratio.dtype == torch.float32
+    torch.testing.assert_close(logp.double(), truth["logp"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(ratio.double(), truth["ratio"], rtol=1e-5, atol=0)
+    assert grad_c.dtype == dtype
+    scale = truth["grad_c"].abs().max().item()
+    for got, want in ((grad_c, truth["grad_c"]), (grad_u, truth["grad_u"])):
+        if want is None:
+            assert got is None
+            continue
+        torch.testing.assert_close(got.double(), want, rtol=GRAD_RTOL[dtype], atol=1e-5 * scale)
+
+
+KERNEL_SHAPES = [(3, 4, 17, 23), (2, 4, 8, 8), (1, 4, 64, 64)]  # odd; N < BLOCK; SD's N = 16384 > BLOCK
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("cfg", [True, False])
+@pytest.mark.parametrize("shape", KERNEL_SHAPES)
+@pytest.mark.parametrize("fused", [True, False], ids=["triton", "reference"])
+def test_kernel_matches_float64_formulas_and_gradients(prediction_type, cfg, shape, fused):
+    inputs, truth = kernel_case(prediction_type, shape, torch.float32, cfg)
+    assert_matches_truth(run_fused(inputs, fused), truth, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cfg", [True, False])
+def test_kernel_half_precision_inputs(dtype, cfg):
+    inputs, truth = kernel_case("epsilon", (3, 4, 17, 23), dtype, cfg)
+    assert_matches_truth(run_fused(inputs, True), truth, dtype)
+
+
+def test_kernel_non_contiguous_inputs_are_read_correctly():
+    inputs, truth = kernel_case("epsilon", (3, 4, 17, 23), torch.float32, True)
+    # the same logical tensors, stored transposed: (B, C, W, H) memory viewed as (B, C, H, W)
+    non_contiguous = lambda x: x.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not non_contiguous(inputs["cond"]).is_contiguous()
+    assert_matches_truth(run_fused(inputs, True, non_contiguous), truth, torch.float32)
+
+
+def test_kernel_writes_every_output_element(monkeypatch):
+    """Outputs are allocated with torch.empty(_like): poison them with NaN; the kernels must overwrite all."""
+    inputs, truth = kernel_case("v_prediction", (3, 4, 17, 23), torch.float32, True)
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: real_empty_like(*a, **k).fill_(float("nan")))
+    result = run_fused(inputs, True)
+    assert all(torch.isfinite(r).all() for r in result)
+    assert_matches_truth(result, truth, torch.float32)
+
+
+def test_kernel_rejects_bad_inputs_clearly():
+    inputs, _ = kernel_case("epsilon", (2, 4, 8, 8), torch.float32, True)
+    with pytest.raises(ValueError, match="noise_pred_uncond has shape"):
+        kernels.ddim_logprob_ratio(inputs["scheduler"], inputs["cond"], inputs["uncond"][:, :2], 5.0, inputs["t"],
+                                   inputs["x_t"], inputs["x_prev"], inputs["old"], fused=True)
+    with pytest.raises(TypeError, match="sample must be float32"):
+        kernels.fused_forward(inputs["cond"], None, 1.0, *(torch.ones(2),) * 4, inputs["x_t"].double(),
+                              inputs["x_prev"], inputs["old"])
+
+
+def test_kernel_falls_back_visibly_for_clip_sample():
+    inputs, _ = kernel_case("epsilon", (2, 4, 8, 8), torch.float32, False)
+    scheduler = DDIMScheduler.from_config({**inputs["scheduler"].config, "clip_sample": True})
+    scheduler.set_timesteps(50)
+    kernels._warned.clear()
+    with pytest.warns(UserWarning, match="does not do clip_sample"):
+        logp, _ = kernels.ddim_logprob_ratio(scheduler, inputs["cond"], None, 1.0, inputs["t"], inputs["x_t"],
+                                             inputs["x_prev"], inputs["old"], fused=True)
+    _, expected = ddpo.ddim_step_with_logprob(scheduler, inputs["cond"], inputs["t"], inputs["x_t"],
+                                              prev_sample=inputs["x_prev"])
+    torch.testing.assert_close(logp, expected, rtol=0, atol=0)
+
+
+AOT_SCRIPT = """
+import json, os, re, subprocess, sys, tempfile, torch, triton, kernels
+arch = int(sys.argv[1])
+from triton.backends.nvidia.compiler import get_ptxas
+ptxas = get_ptxas(arch).path  # the ptxas triton itself assembles this arch with (shipped in the wheel)
+report = []
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for cfg in (True, False):
+        for name, k in kernels.compile_for_gpu(arch, dtype, cfg).items():
+            ptx = k.asm["ptx"]
+            target = re.search(r"\\.target (sm_\\w+)", ptx).group(1)
+            with tempfile.TemporaryDirectory() as d:
+                open(d + "/k.ptx", "w").write(ptx)
+                out = subprocess.run([ptxas, "-arch=" + target, "-v", d + "/k.ptx", "-o", d + "/k.cubin"],
+                                     capture_output=True, text=True, check=True).stderr
+            report.append(dict(kernel=name, dtype=str(dtype), cfg=cfg, target=target, cubin=len(k.asm["cubin"]),
+                               spills=re.findall(r"(\\d+) bytes spill stores, (\\d+) bytes spill loads", out),
+                               rounds_bf16="cvt.rn.bf16.f32" in ptx, ptxas=out))
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_aot_compiles_for_a100_and_h100_without_spills(arch):
+    """Both kernels, every dtype ddpo.py uses, with and without CFG, compiled ahead of time for sm_80 and
+    sm_90 in a clean process (no interpreter); ptxas from the triton wheel reports zero spills."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", AOT_SCRIPT, str(arch)], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.abspath(__file__)), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(report) == 3 * 2 * 2
+    for r in report:
+        assert r["target"].startswith(f"sm_{arch}") and r["cubin"] > 1000, r
+        assert r["spills"] and all(s == ["0", "0"] for s in r["spills"]), r["ptxas"]
+        if "bfloat16" in r["dtype"] and r["kernel"] == "ddim_logprob_bwd_kernel":
+            assert r["rounds_bf16"], "bf16 gradients must be rounded to nearest, not truncated"
+
+
+def test_training_step_through_the_kernel_equals_the_reference(monkeypatch):
+    """One LoRA + CFG training step: the loss and the LoRA gradients through the fused kernel
+    (interpreter) and through ddim_step_with_logprob agree to float32 round-off."""
+    from diffusers import StableDiffusionPipeline
+
+    args = ddpo.parse_args(["--preset", "tiny", *LORA_CFG])
+    pipe = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None)
+    params = ddpo.setup_trainable(pipe.unet, args)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler.set_timesteps(args.num_steps)
+    prompts = ddpo.PROMPT_SETS["tiny_shapes"][:4]
+    embeds, uncond = ddpo.encode_prompts(pipe, prompts), ddpo.encode_prompts(pipe, [""])
+    g = torch.Generator().manual_seed(0)
+    latents, log_probs = ddpo.sample_trajectories(pipe.unet, pipe.scheduler, embeds, uncond.expand(4, -1, -1),
+                                                  (4, 8, 8), args, g, __import__("contextlib").nullcontext)
+    samples = {"embeds": embeds, "latents": latents[:, :-1], "next_latents": latents[:, 1:], "log_probs": log_probs,
+               "timesteps": pipe.scheduler.timesteps.repeat(4, 1), "advantages": torch.tensor([1.0, -0.5, 2.0, -2.5])}
+    args = dataclasses_replace(args, train_batch_size=4, gradient_accumulation_steps=1, timestep_fraction=0.3)
+    results = {}
+    for fused in (True, False):
+        optimizer = torch.optim.SGD(params, lr=0.0)  # lr 0: look at the gradients, keep the weights
+        grads, losses = [], []
+        optimizer.step = lambda: grads.append([p.grad.clone() for p in params])
+        ddpo.train_on_samples(pipe.unet, pipe.scheduler, samples, uncond, optimizer, params,
+                              torch.amp.GradScaler("cpu", enabled=False), args, torch.Generator().manual_seed(1),
+                              __import__("contextlib").nullcontext, lambda m: losses.append(m["train/loss"]), fused=fused)
+        results[fused] = (losses, grads)
+    (loss_k, grads_k), (loss_r, grads_r) = results[True], results[False]
+    assert loss_k == pytest.approx(loss_r, rel=1e-5, abs=1e-7)
+    scale = max(g.abs().max().item() for g in grads_r[0])
+    assert scale > 0
+    for a, b in zip(grads_k[0], grads_r[0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+def dataclasses_replace(args, **changes):
+    import dataclasses
+
+    return dataclasses.replace(args, **changes)
