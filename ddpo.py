@@ -827,6 +827,10 @@ def main(argv=None):
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             fail(f"--device {args.device}: CUDA is not available on this machine")
+    fused = args.fused_kernel == "on" or (args.fused_kernel == "auto" and (device.type == "cuda" or
+                                                                          kernels.triton_interpreter_on()))
+    if fused and device.type != "cuda" and not kernels.triton_interpreter_on():
+        fail("--fused-kernel on needs a CUDA device, or TRITON_INTERPRET=1 to run the kernels on the CPU")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+: free speed, ample precision here
         torch.backends.cudnn.allow_tf32 = True
@@ -872,8 +876,6 @@ def main(argv=None):
         fail(f"--resolution {args.resolution} must be a multiple of the VAE's downsampling factor {vae_factor}")
     latent_shape = (unet.config.in_channels, args.resolution // vae_factor, args.resolution // vae_factor)
     pipe.scheduler.set_timesteps(args.num_steps, device=device)
-    fused = args.fused_kernel == "on" or (args.fused_kernel == "auto" and (device.type == "cuda" or
-                                                                          kernels.triton_interpreter_on()))
     uncond_embeds = encode_prompts(pipe, [""])  # (1, L, D), the empty prompt of classifier-free guidance
 
     (run_dir / "images").mkdir(parents=True, exist_ok=True)

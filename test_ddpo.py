@@ -475,9 +475,13 @@ def test_kernel_rejects_bad_inputs_clearly():
     with pytest.raises(ValueError, match="noise_pred_uncond has shape"):
         kernels.ddim_logprob_ratio(inputs["scheduler"], inputs["cond"], inputs["uncond"][:, :2], 5.0, inputs["t"],
                                    inputs["x_t"], inputs["x_prev"], inputs["old"], fused=True)
+    table = kernels.coefficient_table(inputs["scheduler"], 1.0, "cpu")
     with pytest.raises(TypeError, match="sample must be float32"):
-        kernels.fused_forward(inputs["cond"], None, 1.0, *(torch.ones(2),) * 4, inputs["x_t"].double(),
-                              inputs["x_prev"], inputs["old"])
+        kernels.fused_forward(inputs["cond"], None, 1.0, table, inputs["t"], inputs["x_t"].double(), inputs["x_prev"],
+                              inputs["old"])
+    with pytest.raises(TypeError, match="timesteps must be int64"):
+        kernels.fused_forward(inputs["cond"], None, 1.0, table, inputs["t"].int(), inputs["x_t"], inputs["x_prev"],
+                              inputs["old"])
 
 
 def test_kernel_falls_back_visibly_for_clip_sample():
@@ -571,3 +575,17 @@ def dataclasses_replace(args, **changes):
     import dataclasses
 
     return dataclasses.replace(args, **changes)
+
+
+def test_kernels_script_checks_and_counts(capsys):
+    """`python kernels.py`: fused == reference at an SD shape, and one launch each way against eager's dozens."""
+    kernels.main()
+    out = capsys.readouterr().out
+    diffs = [float(d) for d in re.findall(r"max \|fused - reference\| = (\S+)", out)]
+    assert len(diffs) == 4 and max(diffs) < 1e-5, out
+    rows = re.findall(r"^\s*(\d+)\s+([\d.]+) MB\s+(\d+) launches\s+([\d.]+) MB\s+(\d+) launches\s+([\d.]+) MB\s+1 launches"
+                      r"\s+([\d.]+) MB\s+2 launches", out, re.M)
+    assert [int(r[0]) for r in rows] == [1, 2, 4, 8, 16], out
+    for B, eager_f, launches_f, eager_fb, launches_fb, fused_f, fused_fb in rows:
+        assert float(eager_f) > 5 * float(fused_f) and float(eager_fb) > 5 * float(fused_fb)
+        assert int(launches_f) > 10 and int(launches_fb) > int(launches_f)
