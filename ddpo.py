@@ -605,7 +605,7 @@ def check_rewards(scores, prompts, name):
 # Training on one epoch's samples (ddpo-notes §5.4).
 # ------------------------------------------------------------------------------------------------------
 def train_on_samples(unet, scheduler, samples, uncond_embeds, optimizer, params, scaler, args, generator,
-                     autocast, on_step, fused=False):
+                     autocast, on_step, fused=False, progress=lambda batches: batches):
     """Inner epochs over `samples` (dict of (N, ...) tensors): shuffle samples, shuffle time per sample,
     keep the first floor(T * timestep_fraction) timesteps, and for each train batch and kept timestep
     recompute log p with the current UNet. Gradients accumulate over the kept timesteps and
@@ -626,7 +626,7 @@ def train_on_samples(unet, scheduler, samples, uncond_embeds, optimizer, params,
         rows = torch.arange(N, device=device)[:, None]
         for key in ("timesteps", "latents", "next_latents", "log_probs"):
             shuffled[key] = shuffled[key][rows, time_perm]
-        for b, start in enumerate(range(0, N, args.train_batch_size)):
+        for b, start in enumerate(progress(range(0, N, args.train_batch_size))):
             batch = {k: v[start:start + args.train_batch_size] for k, v in shuffled.items()}
             uncond = uncond_embeds.expand(len(batch["embeds"]), -1, -1)
             for j in range(T_train):
@@ -854,9 +854,7 @@ def main(argv=None):
 
     pipe = load_pipeline(args, device, dtype)
     unet = pipe.unet
-    params = setup_trainable(unet, args)
-    if args.lora_rank == 0:
-        unet.to(torch.float32)  # full fine-tuning: fp32 master weights, autocast does the rest
+    params = setup_trainable(unet, args)  # fp32 trainable weights (LoRA or all), frozen ones in `dtype`
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -950,7 +948,8 @@ def main(argv=None):
                 log_metrics({"epoch": epoch, "step": global_step, **metrics})
 
             ratio_dev = train_on_samples(unet, pipe.scheduler, samples, uncond_embeds, optimizer, params, scaler,
-                                         args, train_gen, autocast, on_step, fused)
+                                         args, train_gen, autocast, on_step, fused,
+                                         lambda it: tqdm(it, desc=f"epoch {epoch} train", leave=False))
             t_end = time.perf_counter()
             record = {"epoch": epoch, "step": global_step,
                       "reward/mean": rewards.mean().item(), "reward/std": rewards.std(unbiased=False).item(),
