@@ -57,6 +57,8 @@ class Args:
     lora_rank: int = arg(4, "LoRA rank on the UNet attention projections; 0 = full fine-tuning")
     mixed_precision: str = arg("fp16", "no | fp16 | bf16: dtype of frozen weights and autocast; "
                                "trainable parameters and stored trajectories stay float32")
+    gradient_checkpointing: bool = arg(False, "recompute UNet activations in the backward pass: less "
+                                       "memory, more time, the same gradients")
     device: str = arg("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
     fused_kernel: str = arg("auto", "auto | on | off: the Triton kernel of kernels.py for the training step's "
                             "log-prob (auto = on for CUDA, or on CPU under TRITON_INTERPRET=1)")
@@ -806,6 +808,8 @@ def setup_trainable(unet, args):
                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
     else:
         unet.requires_grad_(True)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()  # active only in train() mode, i.e. not while sampling
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()

@@ -589,3 +589,30 @@ def test_kernels_script_checks_and_counts(capsys):
     for B, eager_f, launches_f, eager_fb, launches_fb, fused_f, fused_fb in rows:
         assert float(eager_f) > 5 * float(fused_f) and float(eager_fb) > 5 * float(fused_fb)
         assert int(launches_f) > 10 and int(launches_fb) > int(launches_f)
+
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from diffusers import StableDiffusionPipeline
+
+    g = torch.Generator().manual_seed(0)
+    x, t, emb = torch.randn(4, 4, 8, 8, generator=g), torch.tensor([981, 501, 21, 1]), torch.randn(4, 32, 32, generator=g)
+    target = torch.randn(4, 4, 8, 8, generator=g)
+    grads = {}
+    for checkpointing in (False, True):
+        unet = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None).unet
+        torch.manual_seed(0)  # the same LoRA initialisation both times
+        argv = ["--preset", "tiny", *LORA_CFG] + (["--gradient-checkpointing"] if checkpointing else [])
+        params = ddpo.setup_trainable(unet, ddpo.parse_args(argv))
+        unet.train()
+        # a checkpointed block's forward runs twice: in the forward pass and again in the backward
+        # (torch's recompute calls forward() but not module hooks, so count forward() itself)
+        block, calls = unet.up_blocks[1].resnets[0], []  # after LoRA layers, so gradients flow through it
+        block.forward = lambda *a, _forward=block.forward, **k: calls.append(1) or _forward(*a, **k)
+        ((unet(x, t, emb).sample - target) ** 2).mean().backward()
+        assert len(calls) == (2 if checkpointing else 1)
+        grads[checkpointing] = [p.grad for p in params]
+    scale = max(g.abs().max().item() for g in grads[False])
+    assert scale > 0
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * scale)
