@@ -839,8 +839,10 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+: free speed, ample precision here
         torch.backends.cudnn.allow_tf32 = True
     run_dir = Path(args.run_dir or f"runs/{args.reward}-{time.strftime('%Y%m%d-%H%M%S')}")
-    checkpoint = list_checkpoints(run_dir)[-1] if args.resume == "auto" and list_checkpoints(run_dir) else None
-    if args.resume not in (None, "auto"):
+    checkpoint = None
+    if args.resume == "auto":  # the latest complete checkpoint of this run, if any
+        checkpoint = (list_checkpoints(run_dir) or [None])[-1]
+    elif args.resume is not None:
         checkpoint = Path(args.resume)
     if checkpoint is not None:
         check_resumable(checkpoint, args)

@@ -23,6 +23,7 @@ bytes moved and launches per call (and times them where a GPU is present).
 """
 
 import math
+import os
 import warnings
 import weakref
 
@@ -258,10 +259,10 @@ def ddim_logprob_ratio(scheduler, noise_pred_cond, noise_pred_uncond, guidance_s
 
 
 def _unfused(scheduler, cond, uncond, w, timestep, sample, prev_sample, old_log_prob, eta):
-    from ddpo import ddim_step_with_logprob
+    from ddpo import ddim_step_with_logprob, guide
 
-    out = cond.float() if uncond is None else uncond.float() + w * (cond.float() - uncond.float())
-    _, log_prob = ddim_step_with_logprob(scheduler, out, timestep, sample, eta=eta, prev_sample=prev_sample)
+    _, log_prob = ddim_step_with_logprob(scheduler, guide(cond, uncond, w), timestep, sample, eta=eta,
+                                         prev_sample=prev_sample)
     return log_prob, torch.exp(log_prob - old_log_prob.detach().float())
 
 
@@ -285,8 +286,6 @@ def compile_for_gpu(arch, dtype, has_cfg):
 
 
 def triton_interpreter_on():
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

@@ -4,6 +4,8 @@ re-derivation of the formulas in ddpo-notes, a hand-worked example, or a second 
     pytest -q test_ddpo.py            # everything (the first run pretrains the tiny model once, ~2-3 min)
 """
 
+import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -550,10 +552,10 @@ def test_training_step_through_the_kernel_equals_the_reference(monkeypatch):
     embeds, uncond = ddpo.encode_prompts(pipe, prompts), ddpo.encode_prompts(pipe, [""])
     g = torch.Generator().manual_seed(0)
     latents, log_probs = ddpo.sample_trajectories(pipe.unet, pipe.scheduler, embeds, uncond.expand(4, -1, -1),
-                                                  (4, 8, 8), args, g, __import__("contextlib").nullcontext)
+                                                  (4, 8, 8), args, g, contextlib.nullcontext)
     samples = {"embeds": embeds, "latents": latents[:, :-1], "next_latents": latents[:, 1:], "log_probs": log_probs,
                "timesteps": pipe.scheduler.timesteps.repeat(4, 1), "advantages": torch.tensor([1.0, -0.5, 2.0, -2.5])}
-    args = dataclasses_replace(args, train_batch_size=4, gradient_accumulation_steps=1, timestep_fraction=0.3)
+    args = dataclasses.replace(args, train_batch_size=4, gradient_accumulation_steps=1, timestep_fraction=0.3)
     results = {}
     for fused in (True, False):
         optimizer = torch.optim.SGD(params, lr=0.0)  # lr 0: look at the gradients, keep the weights
@@ -561,7 +563,7 @@ def test_training_step_through_the_kernel_equals_the_reference(monkeypatch):
         optimizer.step = lambda: grads.append([p.grad.clone() for p in params])
         ddpo.train_on_samples(pipe.unet, pipe.scheduler, samples, uncond, optimizer, params,
                               torch.amp.GradScaler("cpu", enabled=False), args, torch.Generator().manual_seed(1),
-                              __import__("contextlib").nullcontext, lambda m: losses.append(m["train/loss"]), fused=fused)
+                              contextlib.nullcontext, lambda m: losses.append(m["train/loss"]), fused=fused)
         results[fused] = (losses, grads)
     (loss_k, grads_k), (loss_r, grads_r) = results[True], results[False]
     assert loss_k == pytest.approx(loss_r, rel=1e-5, abs=1e-7)
@@ -569,12 +571,6 @@ def test_training_step_through_the_kernel_equals_the_reference(monkeypatch):
     assert scale > 0
     for a, b in zip(grads_k[0], grads_r[0]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
-
-
-def dataclasses_replace(args, **changes):
-    import dataclasses
-
-    return dataclasses.replace(args, **changes)
 
 
 def test_kernels_script_checks_and_counts(capsys):
