@@ -281,9 +281,9 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta=1.0, p
     B, device = sample.shape[0], sample.device
     model_output, sample = model_output.float(), sample.float()
     shape = (B,) + (1,) * (sample.ndim - 1)
-    sqrt_a, sqrt_1ma, sqrt_a_prev, dir_coef, std = ddim_coefficients(scheduler, timestep, B, eta, device)
-    sqrt_a, sqrt_1ma, sqrt_a_prev, dir_coef, std32 = (c.float().reshape(shape) for c in (
-        sqrt_a, sqrt_1ma, sqrt_a_prev, dir_coef, std))
+    coefficients = ddim_coefficients(scheduler, timestep, B, eta, device)  # (B,) float64 each
+    std = coefficients[-1]
+    sqrt_a, sqrt_1ma, sqrt_a_prev, dir_coef, std32 = (c.float().reshape(shape) for c in coefficients)
 
     if scheduler.config.prediction_type == "epsilon":
         eps = model_output
@@ -612,8 +612,9 @@ def train_on_samples(unet, scheduler, samples, uncond_embeds, optimizer, params,
     keep the first floor(T * timestep_fraction) timesteps, and for each train batch and kept timestep
     recompute log p with the current UNet. Gradients accumulate over the kept timesteps and
     `gradient_accumulation_steps` batches; then one clipped AdamW step, reported through on_step(metrics).
-    Returns the max |ratio - 1| before the first optimizer step (0 up to round-off when the forward
-    paths of sampling and training agree)."""
+    fused=True computes log p with the Triton kernels of kernels.py instead of ddim_step_with_logprob;
+    progress wraps the loop over train batches (e.g. tqdm). Returns the max |ratio - 1| before the first
+    optimizer step (0 up to round-off when the forward paths of sampling and training agree)."""
     N, T = samples["timesteps"].shape
     device = samples["latents"].device
     T_train = max(1, int(T * args.timestep_fraction))
@@ -831,10 +832,10 @@ def main(argv=None):
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             fail(f"--device {args.device}: CUDA is not available on this machine")
-    fused = args.fused_kernel == "on" or (args.fused_kernel == "auto" and (device.type == "cuda" or
-                                                                          kernels.triton_interpreter_on()))
-    if fused and device.type != "cuda" and not kernels.triton_interpreter_on():
+    kernel_runs_here = device.type == "cuda" or kernels.triton_interpreter_on()
+    if args.fused_kernel == "on" and not kernel_runs_here:
         fail("--fused-kernel on needs a CUDA device, or TRITON_INTERPRET=1 to run the kernels on the CPU")
+    fused = args.fused_kernel == "on" or (args.fused_kernel == "auto" and kernel_runs_here)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+: free speed, ample precision here
         torch.backends.cudnn.allow_tf32 = True

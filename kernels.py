@@ -51,10 +51,10 @@ def ddim_logprob_ratio_reference(noise_pred_cond, noise_pred_uncond, guidance_sc
                                  prev_sample, old_log_prob):
     """Noise predictions (B, ...) in any float dtype; sample, prev_sample (B, ...) float32; k_x, k_e, std,
     old_log_prob (B,). Returns (log_prob, ratio), float32 (B,)."""
+    from ddpo import guide  # eps_u + w (eps_c - eps_u) in float32; eps_c alone without CFG
+
     shape = (-1,) + (1,) * (sample.ndim - 1)
-    out = noise_pred_cond.float()
-    if noise_pred_uncond is not None:
-        out = noise_pred_uncond.float() + guidance_scale * (out - noise_pred_uncond.float())
+    out = guide(noise_pred_cond, noise_pred_uncond, guidance_scale)
     mean = k_x.float().reshape(shape) * sample.float() + k_e.float().reshape(shape) * out
     sq = ((prev_sample.detach().float() - mean) ** 2).mean(dim=tuple(range(1, sample.ndim)))
     log_prob = -sq / (2 * std.float() ** 2) - (std.double().log() + 0.5 * math.log(2 * math.pi)).float()
@@ -279,7 +279,7 @@ def compile_for_gpu(arch, dtype, has_cfg):
         signature = {name: "*fp32" for name in kernel.arg_names}
         signature.update({"c_ptr": tt, "u_ptr": tt, "gc_ptr": tt, "gu_ptr": tt, "t_ptr": "*i64", "N": "i32", "w": "fp32",
                           "HAS_CFG": "constexpr", "BLOCK": "constexpr"})
-        signature = {name: signature[name] for name in kernel.arg_names}
+        signature = {name: signature[name] for name in kernel.arg_names}  # only this kernel's arguments
         source = ASTSource(kernel, signature, {"HAS_CFG": has_cfg, "BLOCK": BLOCK})
         compiled[kernel.__name__] = triton.compile(source, target=GPUTarget("cuda", arch, 32))
     return compiled
