@@ -16,6 +16,8 @@ Run it:
     # One GPU: Stable Diffusion v1.4 + LoRA, the paper's compressibility run (sizes are per process)
     python ddpo.py --preset compressibility
     python ddpo.py --preset compressibility --model /path/to/local/sd --resume auto --run-dir runs/c1
+    python ddpo.py --preset aesthetic --reward aesthetic=1.0,jpeg_compressibility=0.05
+    python ddpo.py --preset alignment --reward-device cuda:1      # LLaVA + BERTScore on a second GPU
 """
 
 import argparse
@@ -25,9 +27,11 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
+import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -63,7 +67,17 @@ class Args:
     fused_kernel: str = arg("auto", "auto | on | off: the Triton kernel of kernels.py for the training step's "
                             "log-prob (auto = on for CUDA, or on CPU under TRITON_INTERPRET=1)")
     # task
-    reward: str = arg("jpeg_compressibility", "reward function name, see rewards.REWARDS")
+    reward: str = arg("jpeg_compressibility", "a reward of rewards.REWARDS (jpeg_compressibility, "
+                      "jpeg_incompressibility, aesthetic, llava_bertscore, brightness, darkness), your own "
+                      "module:function, or a weighted sum: aesthetic=1.0,jpeg_compressibility=0.05")
+    reward_device: str = arg("auto", "device of the reward models (auto = the policy's); e.g. cuda:1 to "
+                             "keep LLaVA off the policy's GPU")
+    clip_model: str = arg(None, "aesthetic: CLIP hub id or local path (default openai/clip-vit-large-patch14)")
+    aesthetic_head: str = arg(None, "aesthetic: LAION head .pth file, directory or hub id "
+                              "(default trl-lib/ddpo-aesthetic-predictor)")
+    vlm_model: str = arg(None, "llava_bertscore: LLaVA hub id or local path (default llava-hf/llava-1.5-7b-hf)")
+    bertscore_model: str = arg(None, "llava_bertscore: BERTScore model (default microsoft/deberta-xlarge-mnli)")
+    bertscore_layer: int = arg(None, "llava_bertscore: BERTScore layer, hidden_states[L] (default 40)")
     prompts: str = arg("imagenet_animals", "built-in prompt set name (see PROMPT_SETS) or a .txt file, "
                        "one prompt per line")
     # sampling (per process)
@@ -202,10 +216,10 @@ def validate(args: Args):
     """Every check that needs no model, so that bad input fails in a second, not after loading SD."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         fail("multi-process runs (torchrun) are not supported yet: run one process")
-    if args.reward in ("aesthetic", "llava_bertscore"):
-        fail(f"the paper's reward {args.reward!r} is not implemented yet; available: {', '.join(rewards_lib.REWARDS)}")
-    if args.reward not in rewards_lib.REWARDS:
-        fail(f"unknown reward {args.reward!r}; choose one of: {', '.join(rewards_lib.REWARDS)}")
+    try:
+        rewards_lib.parse_reward_spec(args.reward)
+    except rewards_lib.RewardError as e:
+        fail(f"--reward: {e}")
     if not args.eta > 0:
         fail(f"--eta must be > 0 (got {args.eta}): at eta = 0 DDIM is deterministic and the policy has "
              "no log-likelihood")
@@ -230,18 +244,13 @@ def validate(args: Args):
              f"{args.sample_num_batches} = {samples}) must be divisible by train_batch_size "
              f"{args.train_batch_size} x gradient_accumulation_steps {args.gradient_accumulation_steps} "
              f"= {per_step}")
-    if args.model != "tiny" and not os.path.isdir(args.model) and looks_like_path(args.model):
+    if args.model != "tiny" and not os.path.isdir(args.model) and rewards_lib.looks_like_path(args.model):
         fail(f"--model {args.model!r}: no such directory")
     if args.resume not in (None, "auto") and not os.path.isdir(args.resume):
         fail(f"--resume {args.resume!r}: no such checkpoint directory")
     if args.resume == "auto" and args.run_dir is None:
         fail("--resume auto needs --run-dir (the run whose latest checkpoint to continue)")
     load_prompts(args.prompts)
-
-
-def looks_like_path(model: str) -> bool:
-    """A hub id is 'name' or 'org/name'; anything else is meant as a local path."""
-    return model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep in model.replace("/", "")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -586,23 +595,6 @@ def decode_images(vae, latents, autocast):
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
-class RewardError(Exception):
-    pass
-
-
-def check_rewards(scores, prompts, name):
-    """The reward contract, enforced: float (B,) and finite, or a message naming the reward and sample."""
-    scores = torch.as_tensor(scores)
-    if scores.shape != (len(prompts),):
-        raise RewardError(f"reward {name!r} returned scores of shape {tuple(scores.shape)}, expected "
-                          f"({len(prompts)},): one score per image")
-    bad = (~torch.isfinite(scores.float())).nonzero().flatten().tolist()
-    if bad:
-        raise RewardError(f"reward {name!r} returned {scores[bad[0]].item()} for sample {bad[0]} "
-                          f"(prompt {prompts[bad[0]]!r}); {len(bad)} of {len(prompts)} scores are not finite")
-    return scores.float().cpu()
-
-
 # ------------------------------------------------------------------------------------------------------
 # Training on one epoch's samples (ddpo-notes §5.4).
 # ------------------------------------------------------------------------------------------------------
@@ -756,22 +748,49 @@ def set_rng_state(state, np_rng, sample_gen, train_gen):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_image_grid(path, images, prompts, scores, max_images=16):
-    """A PNG grid: each image (upscaled to at least 128 px) over its prompt and reward."""
+def save_image_grid(path, images, prompts, scores, info=None, max_images=16):
+    """A PNG grid: each image (upscaled to at least 128 px) over its prompt, reward and first text info
+    (e.g. the LLaVA answer); beside it a .json with every image's prompt, reward and info in full."""
     from PIL import Image, ImageDraw
 
+    info = info or {}
     images = rewards_lib.to_uint8_hwc(images[:max_images])
-    side = max(128, images.shape[1])
+    texts = [k for k, v in info.items() if v and isinstance(v[0], str)]
+    side, caption = max(128, images.shape[1]), 24 + 11 * bool(texts)
     cols = min(4, len(images))
     rows = math.ceil(len(images) / cols)
-    grid = Image.new("RGB", (cols * side, rows * (side + 24)), "white")
+    grid = Image.new("RGB", (cols * side, rows * (side + caption)), "white")
     draw = ImageDraw.Draw(grid)
     for i, (array, prompt, score) in enumerate(zip(images, prompts, scores)):
-        x, y = (i % cols) * side, (i // cols) * (side + 24)
+        x, y = (i % cols) * side, (i // cols) * (side + caption)
         grid.paste(Image.fromarray(array).resize((side, side), Image.NEAREST), (x, y))
         draw.text((x + 2, y + side + 1), prompt[: side // 6], fill="black")
         draw.text((x + 2, y + side + 12), f"r = {float(score):.4g}", fill="black")
+        if texts:
+            draw.text((x + 2, y + side + 23), str(info[texts[0]][i])[: side // 6], fill="gray")
     grid.save(path)
+    rows = [{"prompt": p, "reward": float(r), **{k: v[i] for k, v in info.items()}}
+            for i, (p, r) in enumerate(zip(prompts, scores))]
+    Path(path).with_suffix(".json").write_text(json.dumps(rows, indent=1))
+
+
+def score_batch(reward_fn, images, prompts, name):
+    """One batch through the reward (in the worker thread): (scores float32 (B,), info), the contract
+    checked. Any failure becomes a RewardError naming the reward, so the loop can keep its checkpoint."""
+    try:
+        result = reward_fn(images, prompts)
+    except rewards_lib.RewardError:
+        raise
+    except Exception as e:  # a bug in the reward: show where, then stop cleanly
+        traceback.print_exc()
+        raise rewards_lib.RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from None
+    scores, info = result if isinstance(result, tuple) and len(result) == 2 else (result, {})
+    scores = rewards_lib.check_scores(scores, prompts, name)
+    for key, values in info.items():
+        if len(values) != len(prompts):
+            raise rewards_lib.RewardError(f"reward {name!r}: info[{key!r}] has {len(values)} entries, "
+                                          f"expected {len(prompts)} (one per image)")
+    return scores, {k: [v.item() if hasattr(v, "item") else v for v in values] for k, values in info.items()}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -839,7 +858,8 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+: free speed, ample precision here
         torch.backends.cudnn.allow_tf32 = True
-    run_dir = Path(args.run_dir or f"runs/{args.reward}-{time.strftime('%Y%m%d-%H%M%S')}")
+    reward_slug = re.sub(r"[^\w.-]+", "_", args.reward)  # "aesthetic=1,mod:fn" -> "aesthetic_1_mod_fn"
+    run_dir = Path(args.run_dir or f"runs/{reward_slug}-{time.strftime('%Y%m%d-%H%M%S')}")
     checkpoint = None
     if args.resume == "auto":  # the latest complete checkpoint of this run, if any
         checkpoint = (list_checkpoints(run_dir) or [None])[-1]
@@ -848,7 +868,14 @@ def main(argv=None):
     if checkpoint is not None:
         check_resumable(checkpoint, args)
     prompts_all = load_prompts(args.prompts)
-    reward_fn = rewards_lib.get_reward_fn(args.reward, device=device)
+    reward_device = device if args.reward_device == "auto" else torch.device(args.reward_device)
+    reward_options = {k: v for k, v in dict(clip_model=args.clip_model, head=args.aesthetic_head,
+                      vlm_model=args.vlm_model, bertscore_model=args.bertscore_model,
+                      bertscore_layer=args.bertscore_layer).items() if v is not None}
+    try:  # reward models load now, so that a missing one fails before the policy loads
+        reward_fn = rewards_lib.get_reward_fn(args.reward, device=reward_device, **reward_options)
+    except rewards_lib.RewardError as e:
+        fail(str(e))
 
     # One dtype switch: frozen weights in `dtype` under autocast; trainable weights and trajectories fp32.
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
@@ -916,16 +943,16 @@ def main(argv=None):
                 latents, log_probs = sample_trajectories(unet, pipe.scheduler, embeds, uncond_embeds.expand(
                     len(prompts), -1, -1), latent_shape, args, sample_gen, autocast)
                 images = decode_images(pipe.vae, latents[:, -1], autocast)
-                futures.append(executor.submit(reward_fn, images, prompts))
+                futures.append(executor.submit(score_batch, reward_fn, images, prompts, args.reward))
                 batches.append(dict(prompts=prompts, embeds=embeds, latents=latents, log_probs=log_probs,
                                     images=images))
             t_sampled = time.perf_counter()
             scores, infos = [], {}
-            for future, batch in zip(futures, batches):
+            for future in futures:
                 score, info = future.result()
-                scores.append(check_rewards(score, batch["prompts"], args.reward))
+                scores.append(score)
                 for k, v in info.items():
-                    infos.setdefault(k, []).extend(np.asarray(v, dtype=float).tolist())
+                    infos.setdefault(k, []).extend(v)
             t_rewarded = time.perf_counter()
             rewards = torch.cat(scores)
             prompts = [p for b in batches for p in b["prompts"]]
@@ -943,7 +970,8 @@ def main(argv=None):
                        "advantages": torch.as_tensor(advantages, dtype=torch.float32, device=device)}
             if args.image_every and epoch % args.image_every == 0:
                 save_image_grid(run_dir / "images" / f"epoch_{epoch:04d}.png", batches[0]["images"],
-                                batches[0]["prompts"], scores[0].tolist())
+                                batches[0]["prompts"], scores[0].tolist(),
+                                {k: v[:len(batches[0]["prompts"])] for k, v in infos.items()})
 
             unet.train()
             in_training, step_metrics = True, []
@@ -962,7 +990,8 @@ def main(argv=None):
                       "reward/mean": rewards.mean().item(), "reward/std": rewards.std(unbiased=False).item(),
                       "reward/min": rewards.min().item(), "reward/max": rewards.max().item(),
                       "train/ratio_dev_onpolicy": ratio_dev,
-                      **{f"reward_info/{k}": float(np.mean(v)) for k, v in infos.items()},
+                      **{f"reward_info/{k}": float(np.mean(v)) for k, v in infos.items()
+                         if all(isinstance(x, (int, float)) for x in v)},  # strings go to images/*.json
                       **{f"{k}_epoch_mean": float(np.mean([m[k] for m in step_metrics])) for k in
                          ("train/loss", "train/approx_kl", "train/clipfrac", "train/grad_norm")},
                       "time/epoch_s": t_end - t_epoch, "time/sample_s": t_sampled - t_epoch,
@@ -976,12 +1005,12 @@ def main(argv=None):
                 save_checkpoint(run_dir, epoch + 1, unet, checkpoint_state(
                     epoch + 1, rng_state(np_rng, sample_gen, train_gen)), args)
                 saved_epoch = epoch + 1
-    except (RewardError, KeyboardInterrupt) as e:
+    except (rewards_lib.RewardError, KeyboardInterrupt) as e:
         # Weights change only in the training phase: if it has not started, the state is exactly that of
         # the start of this epoch, so keep it rather than lose the epochs since the last checkpoint.
         if rng_at_epoch_start is not None and epoch > saved_epoch and not in_training:
             save_checkpoint(run_dir, epoch, unet, checkpoint_state(epoch, rng_at_epoch_start), args)
-        if isinstance(e, RewardError):
+        if isinstance(e, rewards_lib.RewardError):
             fail(f"{e}. Stopped at epoch {epoch}; checkpoints are in {run_dir / 'checkpoints'}")
         raise
     finally:

