@@ -63,6 +63,8 @@ class Args:
                                "trainable parameters and stored trajectories stay float32")
     gradient_checkpointing: bool = arg(False, "recompute UNet activations in the backward pass: less "
                                        "memory, more time, the same gradients")
+    compile: bool = arg(False, "torch.compile the UNet (for GPUs: the first calls of each new batch shape "
+                        "compile for a minute or more)")
     device: str = arg("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
     fused_kernel: str = arg("auto", "auto | on | off: the Triton kernel of kernels.py for the training step's "
                             "log-prob (auto = on for CUDA, or on CPU under TRITON_INTERPRET=1)")
@@ -89,7 +91,10 @@ class Args:
     sample_num_batches: int = arg(4, "sampling batches per epoch, per process")
     # training (per process)
     num_epochs: int = arg(100, "epochs: one epoch = sample, score, train")
-    train_batch_size: int = arg(4, "trajectories per training micro-batch, per process")
+    train_batch_size: int = arg(4, "trajectories per training batch, per process")
+    train_micro_batch: int = arg(0, "(sample, timestep) pairs per UNet call in training; any pairs can share "
+                                 "a call and the step's mean loss is unchanged (0 = train_batch_size, one "
+                                 "timestep of one batch per call, the memory of published code)")
     gradient_accumulation_steps: int = arg(2, "training batches per optimizer step (each over all kept "
                                            "timesteps)")
     num_inner_epochs: int = arg(1, "passes over each epoch's samples")
@@ -127,6 +132,7 @@ PRESETS = {
     "tiny": dict(model="tiny", prompts="tiny_shapes", reward="jpeg_compressibility", mixed_precision="no",
                  resolution=32, num_steps=10, guidance_scale=1.0, sample_batch_size=32, sample_num_batches=2,
                  train_batch_size=16, gradient_accumulation_steps=1, timestep_fraction=0.5, num_epochs=60,
+                 train_micro_batch=80,  # all 16 x 5 pairs of a step in one UNet call: 2.0 -> 1.0 s/epoch here
                  lora_rank=0, learning_rate=3e-4, clip_range=1e-3, stat_buffer_size=32, stat_min_count=8,
                  save_every=20, image_every=10),
     # ddpo-notes §6 (kvablack/ddpo-pytorch, SD v1.4, LoRA r4, fp16), sizes per GPU for 8 GPUs (6 for alignment).
@@ -233,6 +239,8 @@ def validate(args: Args):
             fail(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
     if args.num_epochs < 0 or args.lora_rank < 0 or args.save_every < 1:
         fail("--num-epochs and --lora-rank must be >= 0, --save-every >= 1")
+    if args.train_micro_batch < 0:
+        fail(f"--train-micro-batch must be >= 0 (got {args.train_micro_batch})")
     if not 0 < args.timestep_fraction <= 1:
         fail(f"--timestep-fraction must be in (0, 1] (got {args.timestep_fraction})")
     if not args.clip_range > 0:
@@ -570,15 +578,16 @@ def guide(eps_cond, eps_uncond, guidance_scale):
 
 
 @torch.no_grad()
-def sample_trajectories(unet, scheduler, cond_embeds, uncond_embeds, latent_shape, args, generator, autocast):
+def sample_trajectories(unet, scheduler, cond_embeds, uncond_embeds, latent_shape, args, generator, autocast,
+                        timer=contextlib.nullcontext):
     """DDIM trajectories with log-probs, all stored in float32 whatever the model dtype (the ratio must be
-    exactly 1 on-policy; fp16 latents would move it by ~1e-4, the size of the clip range).
-    Returns latents (B, T+1, C, h, w) = x_T .. x_0 and log_probs (B, T) of each step under the sampler."""
+    exactly 1 on-policy; fp16 latents would move it by ~1e-4, the size of the clip range). No host sync
+    inside the loop. Returns latents (B, T+1, C, h, w) = x_T .. x_0 and log_probs (B, T) of each step."""
     B = cond_embeds.shape[0]
     x = torch.randn((B, *latent_shape), generator=generator, device=cond_embeds.device) * scheduler.init_noise_sigma
     trajectory, log_probs = [x], []
     for t in scheduler.timesteps:
-        with autocast():
+        with timer(), autocast():
             eps_cond, eps_uncond = noise_preds(unet, x, t, cond_embeds, uncond_embeds, args.guidance_scale)
         x, log_prob = ddim_step_with_logprob(scheduler, guide(eps_cond, eps_uncond, args.guidance_scale), t, x,
                                              eta=args.eta, generator=generator)
@@ -599,21 +608,31 @@ def decode_images(vae, latents, autocast):
 # Training on one epoch's samples (ddpo-notes §5.4).
 # ------------------------------------------------------------------------------------------------------
 def train_on_samples(unet, scheduler, samples, uncond_embeds, optimizer, params, scaler, args, generator,
-                     autocast, on_step, fused=False, progress=lambda batches: batches):
+                     autocast, on_step, fused=False, progress=lambda steps: steps, timer=contextlib.nullcontext):
     """Inner epochs over `samples` (dict of (N, ...) tensors): shuffle samples, shuffle time per sample,
-    keep the first floor(T * timestep_fraction) timesteps, and for each train batch and kept timestep
-    recompute log p with the current UNet. Gradients accumulate over the kept timesteps and
-    `gradient_accumulation_steps` batches; then one clipped AdamW step, reported through on_step(metrics).
+    keep the first floor(T * timestep_fraction) time slots, and recompute log p of each kept (sample, slot)
+    pair with the current UNet. One optimizer step covers train_batch_size * gradient_accumulation_steps
+    samples: its P pairs are packed into UNet calls of `train_micro_batch` pairs (any pairs can share a
+    call: per-sample timesteps), each backpropagating its summed loss / P, so the step sees exactly the mean
+    loss over its P pairs, as the one-timestep-at-a-time order does (the order this reproduces when
+    train_micro_batch = train_batch_size). Then one clipped AdamW step, reported through on_step(metrics).
     fused=True computes log p with the Triton kernels of kernels.py instead of ddim_step_with_logprob;
-    progress wraps the loop over train batches (e.g. tqdm). Returns the max |ratio - 1| before the first
-    optimizer step (0 up to round-off when the forward paths of sampling and training agree)."""
+    progress wraps the loop over optimizer steps (e.g. tqdm); timer() wraps model calls (time/model_s).
+    Returns the max |ratio - 1| before the first optimizer step (0 up to round-off when the forward paths
+    of sampling and training agree)."""
     N, T = samples["timesteps"].shape
     device = samples["latents"].device
     T_train = max(1, int(T * args.timestep_fraction))
-    micro_steps = T_train * args.gradient_accumulation_steps
+    B, G = args.train_batch_size, args.gradient_accumulation_steps
+    micro = args.train_micro_batch or B
     ratio_dev_onpolicy = None
-    stats = torch.zeros(4, device=device)  # sums over micro-steps: loss, approx_kl, clipfrac, count
+    stats = torch.zeros(4, device=device)  # sums over pairs: loss, approx_kl, clipped, count
     ratio_dev = torch.zeros((), device=device)  # max |ratio - 1| since the last optimizer step
+    # The pairs of one optimizer step, in the one-timestep-at-a-time order: for each of its G train
+    # batches, for each kept slot j, the batch's B samples. (P,) sample offsets and (P,) slots, P = G*T_train*B.
+    offsets = torch.arange(G * B, device=device).view(G, 1, B).expand(G, T_train, B).reshape(-1)
+    slots = torch.arange(T_train, device=device).view(1, T_train, 1).expand(G, T_train, B).reshape(-1)
+    P = len(offsets)
     for _ in range(args.num_inner_epochs):
         perm = torch.randperm(N, generator=generator).to(device)
         shuffled = {k: v[perm] for k, v in samples.items()}
@@ -621,30 +640,29 @@ def train_on_samples(unet, scheduler, samples, uncond_embeds, optimizer, params,
         rows = torch.arange(N, device=device)[:, None]
         for key in ("timesteps", "latents", "next_latents", "log_probs"):
             shuffled[key] = shuffled[key][rows, time_perm]
-        for b, start in enumerate(progress(range(0, N, args.train_batch_size))):
-            batch = {k: v[start:start + args.train_batch_size] for k, v in shuffled.items()}
-            uncond = uncond_embeds.expand(len(batch["embeds"]), -1, -1)
-            for j in range(T_train):
-                x_t, t, x_prev = batch["latents"][:, j], batch["timesteps"][:, j], batch["next_latents"][:, j]
-                with autocast():
-                    eps_cond, eps_uncond = noise_preds(unet, x_t, t, batch["embeds"], uncond, args.guidance_scale)
+        for first in progress(range(0, N, G * B)):
+            for start in range(0, P, micro):
+                i, j = first + offsets[start:start + micro], slots[start:start + micro]  # (m,) pairs
+                x_t, t, x_prev = shuffled["latents"][i, j], shuffled["timesteps"][i, j], shuffled["next_latents"][i, j]
+                old_log_prob, embeds = shuffled["log_probs"][i, j], shuffled["embeds"][i]
+                with timer(), autocast():
+                    eps_cond, eps_uncond = noise_preds(unet, x_t, t, embeds, uncond_embeds.expand(len(i), -1, -1),
+                                                       args.guidance_scale)
                 if fused:  # kernels.py: guidance, DDIM mean and log-prob in one Triton kernel each way
                     log_prob, _ = kernels.ddim_logprob_ratio(scheduler, eps_cond, eps_uncond, args.guidance_scale, t,
-                                                             x_t, x_prev, batch["log_probs"][:, j], eta=args.eta)
+                                                             x_t, x_prev, old_log_prob, eta=args.eta)
                 else:
                     _, log_prob = ddim_step_with_logprob(scheduler, guide(eps_cond, eps_uncond, args.guidance_scale),
                                                          t, x_t, eta=args.eta, prev_sample=x_prev)
-                loss, ratio = ddpo_loss(log_prob, batch["log_probs"][:, j], batch["advantages"], args.clip_range,
+                loss, ratio = ddpo_loss(log_prob, old_log_prob, shuffled["advantages"][i], args.clip_range,
                                         args.adv_clip_max)
-                scaler.scale(loss / micro_steps).backward()
+                with timer():  # the backward pass is the UNet's too
+                    scaler.scale(loss * (len(i) / P)).backward()
                 with torch.no_grad():
-                    diff = log_prob - batch["log_probs"][:, j]
-                    stats += torch.stack([loss, 0.5 * (diff**2).mean(),
-                                          ((ratio - 1).abs() > args.clip_range).float().mean(),
-                                          torch.ones((), device=device)])
+                    stats += torch.stack([loss * len(i), 0.5 * ((log_prob - old_log_prob) ** 2).sum(),
+                                          ((ratio - 1).abs() > args.clip_range).float().sum(),
+                                          torch.tensor(float(len(i)), device=device)])
                     ratio_dev = torch.maximum(ratio_dev, (ratio - 1).abs().max())
-            if (b + 1) % args.gradient_accumulation_steps:
-                continue
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             scaler.step(optimizer)
@@ -774,6 +792,36 @@ def save_image_grid(path, images, prompts, scores, info=None, max_images=16):
     Path(path).with_suffix(".json").write_text(json.dumps(rows, indent=1))
 
 
+class ModelTimer:
+    """Seconds inside model calls (UNet forward and backward, VAE, text encoder): `with timer(): ...`.
+    On CUDA it records events instead of synchronising (no host sync in the loops) and adds them up in
+    total(), once per epoch; on the CPU it reads the clock."""
+
+    def __init__(self, device):
+        self.cuda, self.seconds, self.events = device.type == "cuda", 0.0, []
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.seconds += time.perf_counter() - t0
+
+    def total(self) -> float:
+        """Seconds since the last total() (and reset)."""
+        if self.events:
+            torch.cuda.synchronize()
+            self.seconds += sum(start.elapsed_time(end) for start, end in self.events) / 1000
+        seconds, self.seconds, self.events = self.seconds, 0.0, []
+        return seconds
+
+
 def score_batch(reward_fn, images, prompts, name):
     """One batch through the reward (in the worker thread): (scores float32 (B,), info), the contract
     checked. Any failure becomes a RewardError naming the reward, so the loop can keep its checkpoint."""
@@ -833,6 +881,8 @@ def setup_trainable(unet, args):
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
+    if args.compile:  # in place: the module and its state-dict keys stay the same, so checkpoints do too
+        unet.compile()
     return params
 
 
@@ -926,7 +976,10 @@ def main(argv=None):
         return {"next_epoch": next_epoch, "global_step": global_step, "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "tracker": tracker.state_dict(), "rng": rng}
 
-    executor = ThreadPoolExecutor(max_workers=1)  # rewards of batch i while batch i+1 samples
+    timer = ModelTimer(device)
+    # Rewards of batch i are computed while batch i+1 samples. The worker's own CPU torch ops run on one
+    # thread: a second OpenMP team competing for the same cores made sampling 2.3x slower on 2 cores.
+    executor = ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(1,))
     samples_per_epoch = args.sample_batch_size * args.sample_num_batches
     print(f"ddpo: {args.model} | reward {args.reward} | {samples_per_epoch} samples/epoch | "
           f"{args.num_epochs} epochs | LoRA rank {args.lora_rank} | {device} {args.mixed_precision} | {run_dir}")
@@ -939,10 +992,12 @@ def main(argv=None):
             batches, futures = [], []
             for _ in tqdm(range(args.sample_num_batches), desc=f"epoch {epoch} sample", leave=False):
                 prompts = [prompts_all[i] for i in np_rng.integers(len(prompts_all), size=args.sample_batch_size)]
-                embeds = encode_prompts(pipe, prompts)
+                with timer():
+                    embeds = encode_prompts(pipe, prompts)  # once per batch, reused by training
                 latents, log_probs = sample_trajectories(unet, pipe.scheduler, embeds, uncond_embeds.expand(
-                    len(prompts), -1, -1), latent_shape, args, sample_gen, autocast)
-                images = decode_images(pipe.vae, latents[:, -1], autocast)
+                    len(prompts), -1, -1), latent_shape, args, sample_gen, autocast, timer)
+                with timer():
+                    images = decode_images(pipe.vae, latents[:, -1], autocast)
                 futures.append(executor.submit(score_batch, reward_fn, images, prompts, args.reward))
                 batches.append(dict(prompts=prompts, embeds=embeds, latents=latents, log_probs=log_probs,
                                     images=images))
@@ -984,7 +1039,7 @@ def main(argv=None):
 
             ratio_dev = train_on_samples(unet, pipe.scheduler, samples, uncond_embeds, optimizer, params, scaler,
                                          args, train_gen, autocast, on_step, fused,
-                                         lambda it: tqdm(it, desc=f"epoch {epoch} train", leave=False))
+                                         lambda it: tqdm(it, desc=f"epoch {epoch} train", leave=False), timer)
             t_end = time.perf_counter()
             record = {"epoch": epoch, "step": global_step,
                       "reward/mean": rewards.mean().item(), "reward/std": rewards.std(unbiased=False).item(),
@@ -996,6 +1051,7 @@ def main(argv=None):
                          ("train/loss", "train/approx_kl", "train/clipfrac", "train/grad_norm")},
                       "time/epoch_s": t_end - t_epoch, "time/sample_s": t_sampled - t_epoch,
                       "time/reward_wait_s": t_rewarded - t_sampled, "time/train_s": t_end - t_rewarded,
+                      "time/model_s": timer.total(),
                       "samples_per_s": len(prompts) / (t_end - t_epoch)}
             log_metrics(record)
             print(f"epoch {epoch:4d} | reward {record['reward/mean']:+.4f} ± {record['reward/std']:.4f} | "

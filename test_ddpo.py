@@ -465,9 +465,11 @@ def test_tiny_run_writes_the_run_directory(tiny_run):
     assert [e["epoch"] for e in epochs] == [0, 1]
     for e in epochs:
         for key in ("reward/mean", "reward/std", "reward/min", "reward/max", "time/epoch_s", "time/sample_s",
-                    "time/reward_wait_s", "time/train_s", "train/ratio_dev_onpolicy", "samples_per_s"):
+                    "time/reward_wait_s", "time/train_s", "time/model_s", "train/ratio_dev_onpolicy",
+                    "samples_per_s"):
             assert math.isfinite(e[key]), key
         assert e["reward/min"] <= e["reward/mean"] <= e["reward/max"]
+        assert 0 < e["time/model_s"] < e["time/epoch_s"]
         # fp32 run: scoring a trajectory with the weights that sampled it gives ratio 1 to round-off
         assert e["train/ratio_dev_onpolicy"] <= 1e-5
     args = ddpo.parse_args(["--preset", "tiny"])
@@ -865,6 +867,88 @@ def test_training_step_through_the_kernel_equals_the_reference(monkeypatch):
     assert scale > 0
     for a, b in zip(grads_k[0], grads_r[0]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_packed_micro_batches_give_the_one_timestep_at_a_time_gradient():
+    """One optimizer step (2 accumulated batches of 4, 3 of 6 time slots kept: P = 24 pairs) packed into UNet
+    calls of 7 pairs (7 + 7 + 7 + 3, mixing samples and timesteps) gives the gradient of the published order,
+    written out here: for each batch, for each kept slot, one UNet call on the batch, loss / (slots * batches)."""
+    from diffusers import StableDiffusionPipeline
+
+    args = ddpo.parse_args(["--preset", "tiny", *LORA_CFG, "--num-steps", "6"])
+    args = dataclasses.replace(args, train_batch_size=4, gradient_accumulation_steps=2, timestep_fraction=0.5,
+                               max_grad_norm=float("inf"))
+    pipe = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None)
+    params = ddpo.setup_trainable(pipe.unet, args)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler.set_timesteps(args.num_steps)
+    N, T, T_train = 8, 6, 3
+    prompts = ddpo.PROMPT_SETS["tiny_shapes"][:N]
+    embeds, uncond = ddpo.encode_prompts(pipe, prompts), ddpo.encode_prompts(pipe, [""])
+    latents, log_probs = ddpo.sample_trajectories(pipe.unet, pipe.scheduler, embeds, uncond.expand(N, -1, -1),
+                                                  (4, 8, 8), args, torch.Generator().manual_seed(0),
+                                                  contextlib.nullcontext)
+    samples = {"embeds": embeds, "latents": latents[:, :-1], "next_latents": latents[:, 1:], "log_probs": log_probs,
+               "timesteps": pipe.scheduler.timesteps.repeat(N, 1),
+               "advantages": torch.randn(N, generator=torch.Generator().manual_seed(2))}
+    # The reference: the same shuffles (same generator, same draws), then the one-timestep-at-a-time loop.
+    g = torch.Generator().manual_seed(1)
+    perm = torch.randperm(N, generator=g)
+    time_perm = torch.stack([torch.randperm(T, generator=g) for _ in range(N)])
+    s = {k: v[perm] for k, v in samples.items()}
+    for key in ("timesteps", "latents", "next_latents", "log_probs"):
+        s[key] = s[key][torch.arange(N)[:, None], time_perm]
+    for b in range(2):
+        rows = slice(4 * b, 4 * b + 4)
+        for j in range(T_train):
+            eps_c, eps_u = ddpo.noise_preds(pipe.unet, s["latents"][rows, j], s["timesteps"][rows, j],
+                                            s["embeds"][rows], uncond.expand(4, -1, -1), args.guidance_scale)
+            _, log_prob = ddpo.ddim_step_with_logprob(pipe.scheduler, ddpo.guide(eps_c, eps_u, args.guidance_scale),
+                                                      s["timesteps"][rows, j], s["latents"][rows, j], eta=args.eta,
+                                                      prev_sample=s["next_latents"][rows, j])
+            loss, _ = ddpo.ddpo_loss(log_prob, s["log_probs"][rows, j], s["advantages"][rows], args.clip_range,
+                                     args.adv_clip_max)
+            (loss / (T_train * 2)).backward()
+    expected = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+
+    calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, inputs: calls.append(len(inputs[0])))
+    for fused in (False, True):
+        calls.clear()
+        optimizer = torch.optim.SGD(params, lr=0.0)  # lr 0: look at the gradients, keep the weights
+        grads = []
+        optimizer.step = lambda: grads.append([p.grad.clone() for p in params])
+        ddpo.train_on_samples(pipe.unet, pipe.scheduler, samples, uncond, optimizer, params,
+                              torch.amp.GradScaler("cpu", enabled=False), dataclasses.replace(args, train_micro_batch=7),
+                              torch.Generator().manual_seed(1), contextlib.nullcontext, lambda m: None, fused=fused)
+        assert calls == [14, 14, 14, 6]  # 7, 7, 7, 3 pairs, doubled by CFG: packed as asked
+        assert len(grads) == 1
+        scale = max(e.abs().max().item() for e in expected)
+        assert scale > 0
+        for got, want in zip(grads[0], expected):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale)
+    hook.remove()
+
+
+def test_compile_gives_the_same_unet_outputs():
+    """--compile (torch.compile through inductor, here generating CPU code) computes what eager does.
+    One shape only: compiling the tiny LoRA UNet takes ~55 s on this 2-core machine."""
+    from diffusers import StableDiffusionPipeline
+
+    args = ddpo.parse_args(["--preset", "tiny", *LORA_CFG])
+    pipe = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None)
+    ddpo.setup_trainable(pipe.unet, args)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(6, 4, 8, 8, generator=g), torch.randint(0, 1000, (6,), generator=g)
+    embeds = ddpo.encode_prompts(pipe, ddpo.PROMPT_SETS["tiny_shapes"][:6]).detach()
+    with torch.no_grad():
+        eager = pipe.unet(x, t, embeds).sample
+        pipe.unet.compile()
+        compiled = pipe.unet(x, t, embeds).sample
+    assert pipe.unet._compiled_call_impl is not None  # the compiled path ran
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
 def test_kernels_script_checks_and_counts(capsys):
