@@ -220,8 +220,6 @@ def load_prompts(spec: str) -> list:
 
 def validate(args: Args):
     """Every check that needs no model, so that bad input fails in a second, not after loading SD."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        fail("multi-process runs (torchrun) are not supported yet: run one process")
     try:
         rewards_lib.parse_reward_spec(args.reward)
     except rewards_lib.RewardError as e:
@@ -663,11 +661,15 @@ def train_on_samples(unet, scheduler, samples, uncond_embeds, optimizer, params,
                                           ((ratio - 1).abs() > args.clip_range).float().sum(),
                                           torch.tensor(float(len(i)), device=device)])
                     ratio_dev = torch.maximum(ratio_dev, (ratio - 1).abs().max())
+            average_gradients(params)  # torchrun: the mean over processes, identical on every rank
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if distributed():  # the step's metrics over every process's pairs
+                torch.distributed.all_reduce(stats)
+                torch.distributed.all_reduce(ratio_dev, op=torch.distributed.ReduceOp.MAX)
             loss_sum, kl_sum, clip_sum, count, dev, norm = torch.cat(
                 [stats, ratio_dev[None], grad_norm.float().reshape(1).to(device)]).tolist()  # one host sync
             if ratio_dev_onpolicy is None:
@@ -678,6 +680,51 @@ def train_on_samples(unet, scheduler, samples, uncond_embeds, optimizer, params,
             stats.zero_()
             ratio_dev.zero_()
     return ratio_dev_onpolicy
+
+
+# ------------------------------------------------------------------------------------------------------
+# Several processes (torchrun): detected from the environment. Each process samples and trains on its own
+# trajectories; rewards are gathered so that advantages come from the global epoch batch; gradients are
+# averaged once per optimizer step; rank 0 alone writes. Without torchrun all of this is a no-op.
+# ------------------------------------------------------------------------------------------------------
+def distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def init_distributed(device_arg):
+    """(rank, world_size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; NCCL on GPUs, gloo on CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, None
+    use_cuda = torch.cuda.is_available() and device_arg in ("auto", "cuda")
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not distributed():
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def all_gather_objects(obj):
+    """[obj of rank 0, ..., obj of the last rank] on every rank; [obj] in a single process."""
+    if not distributed():
+        return [obj]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+def average_gradients(params):
+    """Mean gradient over all processes, once per optimizer step (after all accumulation micro-steps)."""
+    if not distributed():
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    handles = [torch.distributed.all_reduce(p.grad, async_op=True) for p in params]  # in flight together
+    for handle in handles:
+        handle.wait()
+    for p in params:
+        p.grad /= torch.distributed.get_world_size()
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -895,12 +942,14 @@ def main(argv=None):
 
     args = parse_args(argv)
     validate(args)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            fail(f"--device {args.device}: CUDA is not available on this machine")
+    rank, world, device = init_distributed(args.device)  # (0, 1, None) without torchrun
+    is_main = rank == 0  # rank 0 alone prints and writes
+    log = print if is_main else (lambda *a, **k: None)
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
+            else torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {args.device}: CUDA is not available on this machine")
     kernel_runs_here = device.type == "cuda" or kernels.triton_interpreter_on()
     if args.fused_kernel == "on" and not kernel_runs_here:
         fail("--fused-kernel on needs a CUDA device, or TRITON_INTERPRET=1 to run the kernels on the CPU")
@@ -915,6 +964,7 @@ def main(argv=None):
         checkpoint = (list_checkpoints(run_dir) or [None])[-1]
     elif args.resume is not None:
         checkpoint = Path(args.resume)
+    run_dir, checkpoint = all_gather_objects((run_dir, checkpoint))[0]  # rank 0's, on every rank
     if checkpoint is not None:
         check_resumable(checkpoint, args)
     prompts_all = load_prompts(args.prompts)
@@ -931,12 +981,17 @@ def main(argv=None):
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
     random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    np_rng = np.random.default_rng(args.seed)  # prompts, control shuffles
-    sample_gen = torch.Generator(device).manual_seed(args.seed)  # sampling noise
-    train_gen = torch.Generator().manual_seed(args.seed + 1)  # training shuffles
+    torch.manual_seed(args.seed)  # the same on every rank: LoRA's random init must agree
+    rank_seed = args.seed + 1000 * rank  # each process its own prompts, noise and shuffles
+    np_rng = np.random.default_rng(rank_seed)  # prompts, control shuffles
+    sample_gen = torch.Generator(device).manual_seed(rank_seed)  # sampling noise
+    train_gen = torch.Generator().manual_seed(rank_seed + 1)  # training shuffles
 
-    pipe = load_pipeline(args, device, dtype)
+    if args.model == "tiny" and world > 1:  # one process pretrains (once, cached); the others wait
+        if is_main:
+            tiny_pretrained_path(seed=0, log=log)
+        torch.distributed.barrier()
+    pipe = load_pipeline(args, device, dtype, log)
     unet = pipe.unet
     params = setup_trainable(unet, args)  # fp32 trainable weights (LoRA or all), frozen ones in `dtype`
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
@@ -949,9 +1004,12 @@ def main(argv=None):
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         tracker.load_state_dict(state["tracker"])
-        set_rng_state(state["rng"], np_rng, sample_gen, train_gen)
+        if len(state["rng"]) != world:
+            fail(f"cannot resume from {checkpoint}: it was written by {len(state['rng'])} process(es), this run "
+                 f"has {world}; the batch arithmetic and every process's random state depend on it")
+        set_rng_state(state["rng"][rank], np_rng, sample_gen, train_gen)
         start_epoch, global_step = state["next_epoch"], state["global_step"]
-        print(f"resumed from {checkpoint} at epoch {start_epoch}, step {global_step}")
+        log(f"resumed from {checkpoint} at epoch {start_epoch}, step {global_step}")
 
     vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     if args.resolution % vae_factor:
@@ -960,37 +1018,41 @@ def main(argv=None):
     pipe.scheduler.set_timesteps(args.num_steps, device=device)
     uncond_embeds = encode_prompts(pipe, [""])  # (1, L, D), the empty prompt of classifier-free guidance
 
-    (run_dir / "images").mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     metrics_path = run_dir / "metrics.jsonl"
-    if metrics_path.exists():  # keep what the resumed state has seen; drop epochs it will redo
-        keep = [l for l in metrics_path.read_text().splitlines() if l and json.loads(l)["epoch"] < start_epoch]
-        metrics_path.write_text("".join(l + "\n" for l in keep))
-    metrics_file = open(metrics_path, "a")
+    if is_main:
+        (run_dir / "images").mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps({**dataclasses.asdict(args), "world_size": world}, indent=2))
+        if metrics_path.exists():  # keep what the resumed state has seen; drop epochs it will redo
+            keep = [l for l in metrics_path.read_text().splitlines() if l and json.loads(l)["epoch"] < start_epoch]
+            metrics_path.write_text("".join(l + "\n" for l in keep))
+    metrics_file = open(metrics_path, "a") if is_main else None
 
     def log_metrics(record):
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+        if is_main:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
 
-    def checkpoint_state(next_epoch, rng):
+    def checkpoint_state(next_epoch, rngs):  # rngs: every process's RNG states, in rank order
         return {"next_epoch": next_epoch, "global_step": global_step, "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "tracker": tracker.state_dict(), "rng": rng}
+                "scaler": scaler.state_dict(), "tracker": tracker.state_dict(), "rng": rngs}
 
     timer = ModelTimer(device)
     # Rewards of batch i are computed while batch i+1 samples. The worker's own CPU torch ops run on one
     # thread: a second OpenMP team competing for the same cores made sampling 2.3x slower on 2 cores.
     executor = ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(1,))
     samples_per_epoch = args.sample_batch_size * args.sample_num_batches
-    print(f"ddpo: {args.model} | reward {args.reward} | {samples_per_epoch} samples/epoch | "
-          f"{args.num_epochs} epochs | LoRA rank {args.lora_rank} | {device} {args.mixed_precision} | {run_dir}")
-    epoch, rng_at_epoch_start, saved_epoch, in_training = start_epoch, None, start_epoch, False
+    log(f"ddpo: {args.model} | reward {args.reward} | {samples_per_epoch} samples/epoch x {world} process(es) | "
+        f"{args.num_epochs} epochs | LoRA rank {args.lora_rank} | {device} {args.mixed_precision} | {run_dir}")
+    epoch, rngs_at_epoch_start, saved_epoch, in_training = start_epoch, None, start_epoch, False
     try:
         for epoch in range(start_epoch, args.num_epochs):
-            rng_at_epoch_start, in_training = rng_state(np_rng, sample_gen, train_gen), False
+            rngs_at_epoch_start = all_gather_objects(rng_state(np_rng, sample_gen, train_gen))
+            in_training = False
             t_epoch = time.perf_counter()
             unet.eval()
             batches, futures = [], []
-            for _ in tqdm(range(args.sample_num_batches), desc=f"epoch {epoch} sample", leave=False):
+            for _ in tqdm(range(args.sample_num_batches), desc=f"epoch {epoch} sample", leave=False,
+                          disable=not is_main):
                 prompts = [prompts_all[i] for i in np_rng.integers(len(prompts_all), size=args.sample_batch_size)]
                 with timer():
                     embeds = encode_prompts(pipe, prompts)  # once per batch, reused by training
@@ -1002,19 +1064,32 @@ def main(argv=None):
                 batches.append(dict(prompts=prompts, embeds=embeds, latents=latents, log_probs=log_probs,
                                     images=images))
             t_sampled = time.perf_counter()
-            scores, infos = [], {}
-            for future in futures:
-                score, info = future.result()
-                scores.append(score)
-                for k, v in info.items():
-                    infos.setdefault(k, []).extend(v)
+            scores, infos, error = [], {}, None
+            try:
+                for future in futures:
+                    score, info = future.result()
+                    scores.append(score)
+                    for k, v in info.items():
+                        infos.setdefault(k, []).extend(v)
+            except rewards_lib.RewardError as e:
+                error = str(e)
             t_rewarded = time.perf_counter()
-            rewards = torch.cat(scores)
             prompts = [p for b in batches for p in b["prompts"]]
+            # Every process's prompts and rewards (in rank order), so that the stat tracker sees the global
+            # epoch batch; a reward error anywhere stops every process (none is left waiting).
+            gathered = all_gather_objects({"prompts": prompts, "scores": None if error else torch.cat(scores).tolist(),
+                                           "infos": infos, "error": error})
+            errors = [g["error"] for g in gathered if g["error"]]
+            if errors:
+                raise rewards_lib.RewardError(errors[0])
+            all_prompts = [p for g in gathered for p in g["prompts"]]
+            rewards = torch.tensor([r for g in gathered for r in g["scores"]], dtype=torch.float32)
+            infos = {k: [x for g in gathered for x in g["infos"][k]] for k in infos}
             if args.per_prompt_stat_tracking:
-                advantages = tracker.update(prompts, rewards.numpy())
+                advantages = tracker.update(all_prompts, rewards.numpy())
             else:
                 advantages = batch_advantages(rewards.numpy())
+            advantages = advantages[rank * len(prompts):(rank + 1) * len(prompts)]  # this process's samples
             if args.shuffle_advantages:  # the control: same advantage values, no link to the samples
                 advantages = advantages[np_rng.permutation(len(advantages))]
             trajectories = torch.cat([b["latents"] for b in batches])  # (N, T+1, C, h, w)
@@ -1023,7 +1098,7 @@ def main(argv=None):
                        "log_probs": torch.cat([b["log_probs"] for b in batches]),
                        "timesteps": pipe.scheduler.timesteps.repeat(len(prompts), 1),
                        "advantages": torch.as_tensor(advantages, dtype=torch.float32, device=device)}
-            if args.image_every and epoch % args.image_every == 0:
+            if is_main and args.image_every and epoch % args.image_every == 0:
                 save_image_grid(run_dir / "images" / f"epoch_{epoch:04d}.png", batches[0]["images"],
                                 batches[0]["prompts"], scores[0].tolist(),
                                 {k: v[:len(batches[0]["prompts"])] for k, v in infos.items()})
@@ -1039,7 +1114,8 @@ def main(argv=None):
 
             ratio_dev = train_on_samples(unet, pipe.scheduler, samples, uncond_embeds, optimizer, params, scaler,
                                          args, train_gen, autocast, on_step, fused,
-                                         lambda it: tqdm(it, desc=f"epoch {epoch} train", leave=False), timer)
+                                         lambda it: tqdm(it, desc=f"epoch {epoch} train", leave=False,
+                                                         disable=not is_main), timer)
             t_end = time.perf_counter()
             record = {"epoch": epoch, "step": global_step,
                       "reward/mean": rewards.mean().item(), "reward/std": rewards.std(unbiased=False).item(),
@@ -1052,26 +1128,30 @@ def main(argv=None):
                       "time/epoch_s": t_end - t_epoch, "time/sample_s": t_sampled - t_epoch,
                       "time/reward_wait_s": t_rewarded - t_sampled, "time/train_s": t_end - t_rewarded,
                       "time/model_s": timer.total(),
-                      "samples_per_s": len(prompts) / (t_end - t_epoch)}
+                      "samples_per_s": len(all_prompts) / (t_end - t_epoch)}
             log_metrics(record)
-            print(f"epoch {epoch:4d} | reward {record['reward/mean']:+.4f} ± {record['reward/std']:.4f} | "
+            log(f"epoch {epoch:4d} | reward {record['reward/mean']:+.4f} ± {record['reward/std']:.4f} | "
                   f"kl {record['train/approx_kl_epoch_mean']:.2e} | clipfrac {record['train/clipfrac_epoch_mean']:.3f}"
                   f" | ratio-1 on-policy {ratio_dev:.1e} | {record['time/epoch_s']:.1f}s")
             if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs:
-                save_checkpoint(run_dir, epoch + 1, unet, checkpoint_state(
-                    epoch + 1, rng_state(np_rng, sample_gen, train_gen)), args)
+                rngs = all_gather_objects(rng_state(np_rng, sample_gen, train_gen))
+                if is_main:  # the others go on; they wait for rank 0 at the next epoch's gather
+                    save_checkpoint(run_dir, epoch + 1, unet, checkpoint_state(epoch + 1, rngs), args)
                 saved_epoch = epoch + 1
     except (rewards_lib.RewardError, KeyboardInterrupt) as e:
         # Weights change only in the training phase: if it has not started, the state is exactly that of
         # the start of this epoch, so keep it rather than lose the epochs since the last checkpoint.
-        if rng_at_epoch_start is not None and epoch > saved_epoch and not in_training:
-            save_checkpoint(run_dir, epoch, unet, checkpoint_state(epoch, rng_at_epoch_start), args)
+        if is_main and rngs_at_epoch_start is not None and epoch > saved_epoch and not in_training:
+            save_checkpoint(run_dir, epoch, unet, checkpoint_state(epoch, rngs_at_epoch_start), args)
         if isinstance(e, rewards_lib.RewardError):
             fail(f"{e}. Stopped at epoch {epoch}; checkpoints are in {run_dir / 'checkpoints'}")
         raise
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
-        metrics_file.close()
+        if metrics_file:
+            metrics_file.close()
+    if distributed():
+        torch.distributed.destroy_process_group()
     return run_dir
 
 

@@ -632,6 +632,146 @@ def test_resume_is_exact(tmp_path):
     assert untimed(ea) == untimed(eb) and untimed(sa) == untimed(sb)
 
 
+DDP_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, sys.argv[1])
+import ddpo
+
+steps, epochs, gathers = [], [], []
+
+
+class RecordingAdamW(torch.optim.AdamW):  # the weights before, the (averaged) gradients, the weights after
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"]]
+        before, grads = [p.detach().clone() for p in params], [p.grad.detach().clone() for p in params]
+        result = super().step(closure)
+        steps.append({"before": before, "grads": grads, "after": [p.detach().clone() for p in params]})
+        return result
+
+
+def recording_train(unet, scheduler, samples, *args, **kwargs):
+    epochs.append({k: v.detach().clone() for k, v in samples.items()})
+    return train_on_samples(unet, scheduler, samples, *args, **kwargs)
+
+
+def recording_gather(obj):
+    result = all_gather_objects(obj)
+    if isinstance(obj, dict) and "scores" in obj:
+        gathers.append({"mine": obj, "all": result})
+    return result
+
+
+train_on_samples, all_gather_objects = ddpo.train_on_samples, ddpo.all_gather_objects
+ddpo.train_on_samples, ddpo.all_gather_objects = recording_train, recording_gather
+torch.optim.AdamW = RecordingAdamW
+ddpo.main(sys.argv[3:])
+torch.save({"steps": steps, "epochs": epochs, "gathers": gathers}, f"{sys.argv[2]}/rank{os.environ['RANK']}.pt")
+"""
+
+
+def test_torchrun_two_processes_agree_and_equal_one_process_on_the_global_batch(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo), 2 epochs of the tiny preset, each process 64 samples and one
+    optimizer step per epoch over all their (sample, timestep) pairs. After every step the weights are
+    bitwise identical on both ranks; each rank's advantages are its slice of those of the gathered batch;
+    each step's averaged gradient equals that of one process over both ranks' samples (the global batch),
+    to float32 round-off."""
+    flags = ["--preset", "tiny", "--num-epochs", "2", "--gradient-accumulation-steps", "4", "--timestep-fraction", "1",
+             "--image-every", "0", "--save-every", "100", "--run-dir", str(tmp_path / "run")]
+    (tmp_path / "record.py").write_text(DDP_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           str(tmp_path / "record.py"), os.path.dirname(os.path.abspath(__file__)), str(tmp_path), *flags]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert len(r0["steps"]) == len(r1["steps"]) == 2
+    for s0, s1 in zip(r0["steps"], r1["steps"]):
+        assert all(torch.equal(a, b) for a, b in zip(s0["after"], s1["after"]))  # bitwise, every tensor
+        assert all(torch.equal(a, b) for a, b in zip(s0["grads"], s1["grads"]))
+
+    args = ddpo.parse_args(flags)
+    tracker = ddpo.PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
+    for epoch in range(2):
+        g0, g1 = r0["gathers"][epoch], r1["gathers"][epoch]
+        assert g0["all"] == g1["all"] == [g0["mine"], g1["mine"]]  # rank order, the same on both
+        assert g0["mine"]["prompts"] != g1["mine"]["prompts"]  # each process samples its own prompts
+        prompts = g0["mine"]["prompts"] + g1["mine"]["prompts"]
+        expected = tracker.update(prompts, np.array(g0["mine"]["scores"] + g1["mine"]["scores"]))
+        for r, record in enumerate((r0, r1)):
+            np.testing.assert_allclose(record["epochs"][epoch]["advantages"].numpy(), expected[64 * r:64 * r + 64],
+                                       rtol=1e-6, atol=1e-6)
+
+    # One process, both ranks' samples, the same weights before each step: the same gradient.
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler.set_timesteps(args.num_steps)
+    params = ddpo.setup_trainable(pipe.unet, args)
+    uncond = ddpo.encode_prompts(pipe, [""]).detach()
+    single = dataclasses.replace(args, train_batch_size=2 * args.train_batch_size)  # the global batch, one step
+    for epoch in range(2):
+        with torch.no_grad():
+            for p, w in zip(params, r0["steps"][epoch]["before"]):
+                p.copy_(w)
+        samples = {k: torch.cat([r0["epochs"][epoch][k], r1["epochs"][epoch][k]]) for k in r0["epochs"][epoch]}
+        optimizer = torch.optim.SGD(params, lr=0.0)
+        grads = []
+        optimizer.step = lambda: grads.append([p.grad.clone() for p in params])
+        pipe.unet.train()
+        ddpo.train_on_samples(pipe.unet, pipe.scheduler, samples, uncond, optimizer, params,
+                              torch.amp.GradScaler("cpu", enabled=False), single, torch.Generator().manual_seed(0),
+                              contextlib.nullcontext, lambda m: None)
+        averaged = r0["steps"][epoch]["grads"]
+        scale = max(g.abs().max().item() for g in averaged)
+        assert len(grads) == 1 and scale > 0
+        for got, want in zip(grads[0], averaged):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale)
+
+    # Its checkpoint holds both processes' random states: one process cannot resume it.
+    with pytest.raises(SystemExit, match="written by 2 process"):
+        ddpo.main([*flags, "--num-epochs", "3", "--resume", "auto"])
+
+
+KILL_SCRIPT = """
+import os, signal, sys, torch
+sys.path.insert(0, sys.argv[1])
+import ddpo
+
+real_save, saves = torch.save, []
+
+
+def dying_save(obj, path, *args, **kwargs):  # the 2nd checkpoint: die half-way through its state file
+    if str(path).endswith("trainer_state.pt"):
+        saves.append(path)
+        if len(saves) == 2:
+            with open(path, "wb") as f:
+                f.write(b"half a checkpoint")
+                f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, path, *args, **kwargs)
+
+
+torch.save = dying_save
+ddpo.main(sys.argv[2:])
+"""
+
+
+def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, capsys):
+    run = tmp_path / "run"
+    flags = ["--preset", "tiny", "--num-epochs", "3", "--save-every", "1", "--image-every", "0", "--run-dir", str(run)]
+    out = subprocess.run([sys.executable, "-c", KILL_SCRIPT, os.path.dirname(os.path.abspath(__file__)), *flags],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == -9, out.stderr[-2000:]  # killed, mid-write of epoch_0002
+    assert (run / "checkpoints" / "epoch_0002.tmp").exists() and not (run / "checkpoints" / "epoch_0002").exists()
+    assert [p.name for p in ddpo.list_checkpoints(run)] == ["epoch_0001"]
+    ddpo.main([*flags, "--resume", "auto"])
+    assert f"resumed from {run / 'checkpoints' / 'epoch_0001'} at epoch 1" in capsys.readouterr().out
+    epochs, _ = read_metrics(run)
+    assert [e["epoch"] for e in epochs] == [0, 1, 2]  # epoch 1 redone once, not duplicated
+    assert [p.name for p in ddpo.list_checkpoints(run)] == ["epoch_0001", "epoch_0002", "epoch_0003"]
+    assert not (run / "checkpoints" / "epoch_0002.tmp").exists()
+
+
 def test_resume_refuses_a_config_that_changes_the_state(tmp_path):
     ddpo.main(["--preset", "tiny", "--num-epochs", "1", "--image-every", "0", "--run-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="cannot resume .* train_batch_size 16 -> 8"):
