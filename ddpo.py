@@ -18,6 +18,10 @@ Run it:
     python ddpo.py --preset compressibility --model /path/to/local/sd --resume auto --run-dir runs/c1
     python ddpo.py --preset aesthetic --reward aesthetic=1.0,jpeg_compressibility=0.05
     python ddpo.py --preset alignment --reward-device cuda:1      # LLaVA + BERTScore on a second GPU
+    # Several GPUs: the same flags; sizes are per process; rank 0 writes
+    torchrun --nproc_per_node 8 ddpo.py --preset aesthetic --run-dir runs/aes8
+    # Base model vs a checkpoint, same prompts and noise
+    python ddpo.py sample --checkpoint runs/aes8/checkpoints/epoch_0100
 """
 
 import argparse
@@ -63,6 +67,8 @@ class Args:
                                "trainable parameters and stored trajectories stay float32")
     gradient_checkpointing: bool = arg(False, "recompute UNet activations in the backward pass: less "
                                        "memory, more time, the same gradients")
+    offload_frozen: bool = arg(False, "keep the VAE and text encoder on the CPU, moving each to the device "
+                               "only for its calls (frees their memory while the UNet trains)")
     compile: bool = arg(False, "torch.compile the UNet (for GPUs: the first calls of each new batch shape "
                         "compile for a minute or more)")
     device: str = arg("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
@@ -131,7 +137,7 @@ PRESETS = {
     # ratio's noise is sqrt(64) = 8x larger and SD's 1e-4 clips most gradients after the first step.
     "tiny": dict(model="tiny", prompts="tiny_shapes", reward="jpeg_compressibility", mixed_precision="no",
                  resolution=32, num_steps=10, guidance_scale=1.0, sample_batch_size=32, sample_num_batches=2,
-                 train_batch_size=16, gradient_accumulation_steps=1, timestep_fraction=0.5, num_epochs=60,
+                 train_batch_size=16, gradient_accumulation_steps=1, timestep_fraction=0.5, num_epochs=150,
                  train_micro_batch=80,  # all 16 x 5 pairs of a step in one UNet call: 2.0 -> 1.0 s/epoch here
                  lora_rank=0, learning_rate=3e-4, clip_range=1e-3, stat_buffer_size=32, stat_min_count=8,
                  save_every=20, image_every=10),
@@ -813,7 +819,7 @@ def set_rng_state(state, np_rng, sample_gen, train_gen):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_image_grid(path, images, prompts, scores, info=None, max_images=16):
+def save_image_grid(path, images, prompts, scores, info=None, max_images=16, cols=4):
     """A PNG grid: each image (upscaled to at least 128 px) over its prompt, reward and first text info
     (e.g. the LLaVA answer); beside it a .json with every image's prompt, reward and info in full."""
     from PIL import Image, ImageDraw
@@ -822,7 +828,7 @@ def save_image_grid(path, images, prompts, scores, info=None, max_images=16):
     images = rewards_lib.to_uint8_hwc(images[:max_images])
     texts = [k for k, v in info.items() if v and isinstance(v[0], str)]
     side, caption = max(128, images.shape[1]), 24 + 11 * bool(texts)
-    cols = min(4, len(images))
+    cols = min(cols, len(images))
     rows = math.ceil(len(images) / cols)
     grid = Image.new("RGB", (cols * side, rows * (side + caption)), "white")
     draw = ImageDraw.Draw(grid)
@@ -913,6 +919,16 @@ def load_pipeline(args, device, dtype, log=print):
     return pipe.to(device)
 
 
+@contextlib.contextmanager
+def on_device(module, device):
+    """The module on `device` for the duration of the block, back on the CPU after (--offload-frozen)."""
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to("cpu")
+
+
 def setup_trainable(unet, args):
     """LoRA adapters (peft) on the attention projections, or the whole UNet; trainable params in fp32."""
     unet.requires_grad_(False)
@@ -937,9 +953,87 @@ def setup_trainable(unet, args):
 # The main loop (ddpo-notes §5): sample -> score (in a worker thread, overlapping the next batch) ->
 # advantages -> train.
 # ------------------------------------------------------------------------------------------------------
+def precision(args, device):
+    """The one dtype switch: (dtype of frozen weights, autocast context factory). Trainable weights and
+    trajectories stay float32 whatever this is."""
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    if dtype == torch.float32:
+        return dtype, contextlib.nullcontext
+    return dtype, lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def latent_shape_of(pipe, resolution):
+    """(C, h, w) of the latents of `resolution`-pixel images."""
+    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    if resolution % vae_factor:
+        fail(f"--resolution {resolution} must be a multiple of the VAE's downsampling factor {vae_factor}")
+    return pipe.unet.config.in_channels, resolution // vae_factor, resolution // vae_factor
+
+
+def build_reward(args, device):
+    """rewards.get_reward_fn with the model flags that were given; a clear error if a model is missing."""
+    options = {k: v for k, v in dict(clip_model=args.clip_model, head=args.aesthetic_head, vlm_model=args.vlm_model,
+                                     bertscore_model=args.bertscore_model,
+                                     bertscore_layer=args.bertscore_layer).items() if v is not None}
+    try:
+        return rewards_lib.get_reward_fn(args.reward, device=device, **options)
+    except rewards_lib.RewardError as e:
+        fail(str(e))
+
+
+def sample_main(argv):
+    """python ddpo.py sample --checkpoint DIR: the base model's images (top row) next to the checkpoint's
+    (bottom row), from the same prompts and the same noise, with their rewards under the run's reward."""
+    parser = argparse.ArgumentParser(prog="ddpo.py sample", description=sample_main.__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory of a run")
+    parser.add_argument("--prompts", default=None, help="prompt set or file (default: the run's)")
+    parser.add_argument("--num-images", type=int, default=8, help="images per row")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and the noise")
+    parser.add_argument("--out", default=None, help="PNG path (default: <checkpoint>/samples.png)")
+    cli = parser.parse_args(argv)
+    checkpoint = Path(cli.checkpoint)
+    if not (checkpoint / "config.json").is_file() or not (checkpoint / "trainer_state.pt").is_file():
+        fail(f"--checkpoint {cli.checkpoint!r} is not a checkpoint directory of a ddpo.py run")
+    fields = {f.name for f in dataclasses.fields(Args)}
+    args = Args(**{k: v for k, v in json.loads((checkpoint / "config.json").read_text()).items() if k in fields})
+    args = dataclasses.replace(args, prompts=cli.prompts or args.prompts, sample_batch_size=cli.num_images,
+                               compile=False, gradient_checkpointing=False)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype, autocast = precision(args, device)
+    prompts_all = load_prompts(args.prompts)
+    prompts = [prompts_all[i] for i in np.random.default_rng(cli.seed).integers(len(prompts_all), size=cli.num_images)]
+    reward_fn = build_reward(args, device)
+    pipe = load_pipeline(args, device, dtype)
+    pipe.scheduler.set_timesteps(args.num_steps, device=device)
+    latent_shape = latent_shape_of(pipe, args.resolution)
+    embeds, uncond = encode_prompts(pipe, prompts), encode_prompts(pipe, [""]).expand(len(prompts), -1, -1)
+
+    def render():  # the same noise for both rows
+        latents, _ = sample_trajectories(pipe.unet, pipe.scheduler, embeds, uncond, latent_shape, args,
+                                         torch.Generator(device).manual_seed(cli.seed), autocast)
+        images = decode_images(pipe.vae, latents[:, -1], autocast)
+        return images, score_batch(reward_fn, images, prompts, args.reward)[0]
+
+    base_images, base_scores = render()
+    setup_trainable(pipe.unet, args)
+    load_checkpoint(checkpoint, pipe.unet, args)
+    tuned_images, tuned_scores = render()
+    out = Path(cli.out or checkpoint / "samples.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image_grid(out, torch.cat([base_images, tuned_images]), [f"base: {p}" for p in prompts] +
+                    [f"tuned: {p}" for p in prompts], torch.cat([base_scores, tuned_scores]).tolist(),
+                    max_images=2 * len(prompts), cols=len(prompts))
+    print(f"wrote {out}: reward {base_scores.mean():+.4f} (base) -> {tuned_scores.mean():+.4f} (checkpoint)")
+    return out
+
+
 def main(argv=None):
     from tqdm.auto import tqdm
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sample"]:
+        return sample_main(argv[1:])
     args = parse_args(argv)
     validate(args)
     rank, world, device = init_distributed(args.device)  # (0, 1, None) without torchrun
@@ -968,18 +1062,9 @@ def main(argv=None):
     if checkpoint is not None:
         check_resumable(checkpoint, args)
     prompts_all = load_prompts(args.prompts)
-    reward_device = device if args.reward_device == "auto" else torch.device(args.reward_device)
-    reward_options = {k: v for k, v in dict(clip_model=args.clip_model, head=args.aesthetic_head,
-                      vlm_model=args.vlm_model, bertscore_model=args.bertscore_model,
-                      bertscore_layer=args.bertscore_layer).items() if v is not None}
-    try:  # reward models load now, so that a missing one fails before the policy loads
-        reward_fn = rewards_lib.get_reward_fn(args.reward, device=reward_device, **reward_options)
-    except rewards_lib.RewardError as e:
-        fail(str(e))
-
-    # One dtype switch: frozen weights in `dtype` under autocast; trainable weights and trajectories fp32.
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
+    # Reward models load now, so that a missing one fails before the policy loads.
+    reward_fn = build_reward(args, device if args.reward_device == "auto" else torch.device(args.reward_device))
+    dtype, autocast = precision(args, device)
     random.seed(args.seed)
     torch.manual_seed(args.seed)  # the same on every rank: LoRA's random init must agree
     rank_seed = args.seed + 1000 * rank  # each process its own prompts, noise and shuffles
@@ -992,7 +1077,12 @@ def main(argv=None):
             tiny_pretrained_path(seed=0, log=log)
         torch.distributed.barrier()
     pipe = load_pipeline(args, device, dtype, log)
+    frozen = lambda module: on_device(module, device) if args.offload_frozen else contextlib.nullcontext()
+    if args.offload_frozen:
+        pipe.vae.to("cpu"), pipe.text_encoder.to("cpu")
     unet = pipe.unet
+    if device.type == "cuda":  # NHWC activations: cuDNN's tensor-core convolutions; the same math
+        unet.to(memory_format=torch.channels_last)
     params = setup_trainable(unet, args)  # fp32 trainable weights (LoRA or all), frozen ones in `dtype`
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -1011,12 +1101,10 @@ def main(argv=None):
         start_epoch, global_step = state["next_epoch"], state["global_step"]
         log(f"resumed from {checkpoint} at epoch {start_epoch}, step {global_step}")
 
-    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    if args.resolution % vae_factor:
-        fail(f"--resolution {args.resolution} must be a multiple of the VAE's downsampling factor {vae_factor}")
-    latent_shape = (unet.config.in_channels, args.resolution // vae_factor, args.resolution // vae_factor)
+    latent_shape = latent_shape_of(pipe, args.resolution)
     pipe.scheduler.set_timesteps(args.num_steps, device=device)
-    uncond_embeds = encode_prompts(pipe, [""])  # (1, L, D), the empty prompt of classifier-free guidance
+    with frozen(pipe.text_encoder):
+        uncond_embeds = encode_prompts(pipe, [""]).to(device)  # (1, L, D), the empty prompt of CFG
 
     metrics_path = run_dir / "metrics.jsonl"
     if is_main:
@@ -1054,11 +1142,11 @@ def main(argv=None):
             for _ in tqdm(range(args.sample_num_batches), desc=f"epoch {epoch} sample", leave=False,
                           disable=not is_main):
                 prompts = [prompts_all[i] for i in np_rng.integers(len(prompts_all), size=args.sample_batch_size)]
-                with timer():
-                    embeds = encode_prompts(pipe, prompts)  # once per batch, reused by training
+                with timer(), frozen(pipe.text_encoder):
+                    embeds = encode_prompts(pipe, prompts).to(device)  # once per batch, reused by training
                 latents, log_probs = sample_trajectories(unet, pipe.scheduler, embeds, uncond_embeds.expand(
                     len(prompts), -1, -1), latent_shape, args, sample_gen, autocast, timer)
-                with timer():
+                with timer(), frozen(pipe.vae):
                     images = decode_images(pipe.vae, latents[:, -1], autocast)
                 futures.append(executor.submit(score_batch, reward_fn, images, prompts, args.reward))
                 batches.append(dict(prompts=prompts, embeds=embeds, latents=latents, log_probs=log_probs,

@@ -569,6 +569,60 @@ def test_custom_and_weighted_rewards_end_to_end(user_rewards, tiny_clip, tiny_ll
     assert all(isinstance(row["answer"], str) and row["answer"] for row in rows)
 
 
+def test_offload_frozen_moves_vae_and_text_encoder_only_for_their_calls(tmp_path, monkeypatch):
+    """--offload-frozen: the VAE and the text encoder sit on the CPU and visit the device once per call.
+    (On this CPU-only machine the device is the CPU too: the calls are checked, the memory saving is not.)"""
+    visits, real = [], ddpo.on_device
+
+    @contextlib.contextmanager
+    def spy(module, device):
+        with real(module, device):
+            visits.append((type(module).__name__, str(next(module.parameters()).device)))
+            yield module
+        assert next(module.parameters()).device.type == "cpu"  # back after the call
+
+    monkeypatch.setattr(ddpo, "on_device", spy)
+    common = ["--preset", "tiny", "--num-epochs", "1", "--image-every", "0"]
+    ddpo.main([*common, "--offload-frozen", "--run-dir", str(tmp_path / "offload")])
+    assert visits == [("CLIPTextModel", "cpu")] + [("CLIPTextModel", "cpu"), ("AutoencoderKL", "cpu")] * 2
+    ddpo.main([*common, "--run-dir", str(tmp_path / "plain")])
+    (a,), _ = read_metrics(tmp_path / "offload")
+    (b,), _ = read_metrics(tmp_path / "plain")
+    assert a["reward/mean"] == b["reward/mean"] and a["train/loss_epoch_mean"] == b["train/loss_epoch_mean"]
+
+
+def test_sample_command_renders_base_and_checkpoint_from_the_same_noise(tiny_run, tmp_path):
+    """The base row and the checkpoint row equal diffusers' own pipeline (before and after
+    load_lora_weights) run with the same prompts, seed, steps, eta and guidance: a second sampler."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    checkpoint, out = tiny_run / "checkpoints" / "epoch_0002", tmp_path / "grid.png"
+    ddpo.main(["sample", "--checkpoint", str(checkpoint), "--num-images", "3", "--seed", "5", "--out", str(out)])
+    rows = json.loads(out.with_suffix(".json").read_text())
+    with Image.open(out) as grid:
+        assert grid.size == (3 * 128, 2 * (128 + 24))  # one row each, 3 images
+        cells = np.asarray(grid.convert("RGB"))
+    drawn = [cells[r * 152:r * 152 + 128:4, c * 128:c * 128 + 128:4] for r in (0, 1) for c in range(3)]  # 32 px
+    prompts = [r["prompt"].removeprefix("base: ") for r in rows[:3]]
+    assert [r["prompt"] for r in rows[3:]] == [f"tuned: {p}" for p in prompts]
+    pipe = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False)
+    expected = []
+    for lora in (False, True):
+        if lora:
+            pipe.load_lora_weights(checkpoint)
+        images = pipe(prompts, num_inference_steps=10, guidance_scale=3.0, eta=1.0, output_type="pt",
+                      generator=torch.Generator().manual_seed(5)).images
+        expected += rewards.jpeg_compressibility(images, prompts)[0].tolist()
+        for k, image in enumerate(rewards.to_uint8_hwc(images)):  # pixels: at most 1 level of rounding apart
+            assert np.abs(drawn[3 * lora + k].astype(int) - image.astype(int)).max() <= 1
+    got = [r["reward"] for r in rows]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-3)  # JPEG kB: a few bytes of round-off at most
+    assert got[:3] != got[3:]  # the checkpoint changed the images
+    with pytest.raises(SystemExit, match="is not a checkpoint directory"):
+        ddpo.main(["sample", "--checkpoint", str(tmp_path)])
+
+
 @pytest.mark.parametrize("name, message", [
     ("nan_reward", "returned nan for sample 0"),
     ("wrong_shape", "returned scores of shape (32, 1), expected (32,)"),
@@ -1072,6 +1126,28 @@ def test_packed_micro_batches_give_the_one_timestep_at_a_time_gradient():
     hook.remove()
 
 
+def test_channels_last_unet_computes_the_same():
+    """On CUDA the UNet runs channels-last: the same outputs, and the fused kernel reads its NHWC output."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([901, 501, 1])
+    embeds = ddpo.encode_prompts(pipe, ddpo.PROMPT_SETS["tiny_shapes"][:3]).detach()
+    with torch.no_grad():
+        nchw = pipe.unet(x, t, embeds).sample
+        pipe.unet.to(memory_format=torch.channels_last)
+        nhwc = pipe.unet(x, t, embeds).sample
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and not nhwc.is_contiguous()
+    torch.testing.assert_close(nhwc, nchw, rtol=1e-5, atol=1e-5)
+    scheduler = sd_scheduler(10)
+    tt = scheduler.timesteps[[0, 4, 9]]
+    prev, old = torch.randn(3, 4, 8, 8, generator=g), torch.zeros(3)
+    a = kernels.ddim_logprob_ratio(scheduler, nhwc, None, 1.0, tt, x, prev, old, eta=1.0, fused=True)[0]
+    b = kernels.ddim_logprob_ratio(scheduler, nhwc.contiguous(), None, 1.0, tt, x, prev, old, eta=1.0, fused=True)[0]
+    assert torch.equal(a, b)
+
+
 def test_compile_gives_the_same_unet_outputs():
     """--compile (torch.compile through inductor, here generating CPU code) computes what eager does.
     One shape only: compiling the tiny LoRA UNet takes ~55 s on this 2-core machine."""
@@ -1130,3 +1206,52 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert scale > 0
     for a, b in zip(grads[False], grads[True]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * scale)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Not a test: the README's memory numbers for Stable Diffusion v1.5's UNet (its architecture, random
+# weights, built offline) on the CPU. python test_ddpo.py sd-memory
+# ------------------------------------------------------------------------------------------------------
+def sd15_microstep(batch, checkpointing):
+    """One LoRA (r4) + CFG training micro-step at 256x256 (32x32 latents), fp32, on the CPU; returns the
+    resident-memory high-water mark of the step above what was resident before it (GB) and its seconds."""
+    import time
+
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the SD v1.x config values
+    args = ddpo.parse_args(["--lora-rank", "4", "--mixed-precision", "no", "--guidance-scale", "5",
+                            *(["--gradient-checkpointing"] if checkpointing else [])])
+    params = ddpo.setup_trainable(unet, args)
+    unet.train()
+    scheduler = sd_scheduler()
+    x, prev = torch.randn(batch, 4, 32, 32), torch.randn(batch, 4, 32, 32)
+    t = scheduler.timesteps[torch.full((batch,), 10)]
+    embeds, uncond = torch.randn(batch, 77, 768), torch.randn(1, 77, 768).expand(batch, -1, -1)
+
+    def kb(field):
+        return int(re.search(rf"{field}:\s+(\d+) kB", open("/proc/self/status").read()).group(1))
+
+    before = kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark VmHWM to the current RSS
+    start = time.perf_counter()
+    eps_c, eps_u = ddpo.noise_preds(unet, x, t, embeds, uncond, args.guidance_scale)
+    _, log_prob = ddpo.ddim_step_with_logprob(scheduler, ddpo.guide(eps_c, eps_u, args.guidance_scale), t, x,
+                                              prev_sample=prev)
+    loss, _ = ddpo.ddpo_loss(log_prob, log_prob.detach(), torch.ones(batch), 1e-4, 5.0)
+    loss.backward()
+    seconds = time.perf_counter() - start
+    assert all(p.grad is not None for p in params)
+    return (kb("VmHWM") - before) / 1e6, before / 1e6, seconds
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["sd-memory"]:
+    for batch in (1, 4):
+        for checkpointing in (False, True):
+            code = (f"import test_ddpo; print(test_ddpo.sd15_microstep({batch}, {checkpointing}))")
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            peak, resident, seconds = eval(out.stdout.strip().splitlines()[-1])
+            print(f"batch {batch} (+CFG: {2 * batch} UNet rows), gradient checkpointing {checkpointing!s:5}: "
+                  f"step peak +{peak:.2f} GB over {resident:.2f} GB resident, {seconds:.1f} s")
