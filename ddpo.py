@@ -906,9 +906,8 @@ def load_pipeline(args, device, dtype, log=print):
         pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False)
     except Exception as e:  # hub unreachable, missing files, not a diffusers SD checkpoint
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fail(f"could not load --model {args.model!r} ({reason}). Without network access a hub id cannot "
-             "be downloaded: pass a local diffusers directory, or --model tiny for the offline pipeline")
+        fail(f"could not load --model {args.model!r} ({rewards_lib.first_line(e)}). Without network access a hub "
+             "id cannot be downloaded: pass a local diffusers directory, or --model tiny for the offline pipeline")
     config = dict(pipe.scheduler.config)
     # DDIMScheduler's own defaults clip x0 to [-1, 1] and set alpha_prev = 1 at the last step; SD was
     # trained without either, and a config that lacks the keys would silently get them.

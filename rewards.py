@@ -57,6 +57,12 @@ def check_scores(scores, prompts, name) -> torch.Tensor:
     return scores
 
 
+def first_line(error: Exception) -> str:
+    """The first line of an exception's message (or its type), for one-line error messages."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def looks_like_path(name: str) -> bool:
     """A hub id is 'name' or 'org/name'; anything else is meant as a local path."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "")
@@ -69,9 +75,8 @@ def load_pretrained(cls, name_or_path, what, flag, **kwargs):
     try:
         return cls.from_pretrained(name_or_path, **kwargs)
     except Exception as e:  # hub unreachable, missing files, wrong architecture
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RewardError(f"could not load the {what} {name_or_path!r} ({reason}). Without network access a "
-                          f"hub id cannot be downloaded: pass a local directory with {flag}") from None
+        raise RewardError(f"could not load the {what} {name_or_path!r} ({first_line(e)}). Without network "
+                          f"access a hub id cannot be downloaded: pass a local directory with {flag}") from None
 
 
 def model_dtype(device, dtype=None):
@@ -173,9 +178,8 @@ def load_aesthetic_head(head: str, device) -> AestheticHead:
             from huggingface_hub import hf_hub_download
             path = hf_hub_download(head, "aesthetic-model.pth")
         except Exception as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise RewardError(f"could not download the aesthetic head {head!r} ({reason}). Without network "
-                              "access pass a local aesthetic-model.pth with --aesthetic-head") from None
+            raise RewardError(f"could not download the aesthetic head {head!r} ({first_line(e)}). Without "
+                              "network access pass a local aesthetic-model.pth with --aesthetic-head") from None
     model = AestheticHead()
     # Published tensors were saved on a CUDA device: map them; weights_only because .pth files run code.
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
