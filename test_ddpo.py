@@ -1158,7 +1158,8 @@ def test_packed_micro_batches_give_the_one_timestep_at_a_time_gradient():
 
 
 def test_channels_last_unet_computes_the_same():
-    """On CUDA the UNet runs channels-last: the same outputs, and the fused kernel reads its NHWC output."""
+    """The UNet runs channels-last (use_fast_kernels, every device): the same outputs, and the fused kernel reads
+    its NHWC output."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None)
