@@ -1,12 +1,20 @@
 """DDPO: Denoising Diffusion Policy Optimization, in one file.
 
-Black, Janner, Du, Kostrikov, Levine, "Training Diffusion Models with Reinforcement Learning" (2023),
-arXiv 2305.13301. A denoising trajectory x_T -> ... -> x_0 is an episode; each DDIM step (eta > 0) is a
-Gaussian action with an exact log-likelihood; the reward r(x_0, c) arrives at the end. DDPO_IS, the
-paper's main method, optimises a PPO-style clipped surrogate of those per-step likelihood ratios.
+Black, Janner, Du, Kostrikov, Levine, "Training Diffusion Models with Reinforcement Learning" (ICLR 2024,
+arXiv 2305.13301). A denoising trajectory x_T -> ... -> x_0 is an episode (paper §4.3); each DDIM step with
+eta > 0 is a Gaussian action with an exact log-likelihood; the reward r(x_0, c) arrives at the end. DDPO_IS,
+the paper's main method (§4.3), takes PPO-style clipped steps on the per-step likelihood ratios.
 
-Read top to bottom: arguments -> DDIM step with log-prob -> advantages -> loss -> the tiny offline
-pipeline -> sampling -> training step -> checkpoints -> main loop.
+Reading order (the file is in this order):
+    1. ddim_step_with_logprob   one DDIM step x_t -> x_{t-1} and its log-probability (the policy)
+    2. PerPromptStatTracker     rewards -> advantages, normalised per prompt
+    3. ddpo_loss                the clipped surrogate
+    4. sample_trajectories      trajectories with the log-prob of every step
+    5. micro_batch_loss         the training step: UNet call -> log p -> loss; training_plan, optimizer_step
+    6. train                    the epoch loop: sample, reward, advantages, train, log
+    ---- infrastructure ----    arguments and validation, the run (devices, models, resume, stopping),
+                                rewards worker, distributed, checkpoints, logging, the `sample` command,
+                                and last the tiny offline test bed.
 
 Run it:
     # CPU, offline, minutes: a tiny text-to-image model (pretrained in code, cached) learns a reward
@@ -27,17 +35,21 @@ Run it:
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 import traceback
+import warnings
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,226 +60,12 @@ import kernels
 import rewards as rewards_lib
 
 
-# ------------------------------------------------------------------------------------------------------
-# Arguments. Every field is a --flag (underscores become dashes); its `help` is the --help text.
-# The defaults are the published per-GPU settings for Stable Diffusion (ddpo-notes §6, compressibility).
-# ------------------------------------------------------------------------------------------------------
-def arg(default, help):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class Args:
-    preset: str = arg(None, "named set of defaults applied first (explicit flags override): " "see PRESETS")
-    # model
-    model: str = arg("CompVis/stable-diffusion-v1-4", "hub id or local path of a diffusers SD 1.x/2.x "
-                     "checkpoint, or 'tiny' for the offline CPU pipeline pretrained in code (cached)")
-    lora_rank: int = arg(4, "LoRA rank on the UNet attention projections; 0 = full fine-tuning")
-    mixed_precision: str = arg("fp16", "no | fp16 | bf16: dtype of frozen weights and autocast; "
-                               "trainable parameters and stored trajectories stay float32")
-    gradient_checkpointing: bool = arg(False, "recompute UNet activations in the backward pass: less "
-                                       "memory, more time, the same gradients")
-    offload_frozen: bool = arg(False, "keep the VAE and text encoder on the CPU, moving each to the device "
-                               "only for its calls (frees their memory while the UNet trains)")
-    compile: bool = arg(False, "torch.compile the UNet (for GPUs: the first calls of each new batch shape "
-                        "compile for a minute or more)")
-    device: str = arg("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
-    fused_kernel: str = arg("auto", "auto | on | off: the Triton kernel of kernels.py for the training step's "
-                            "log-prob (auto = on for CUDA, or on CPU under TRITON_INTERPRET=1)")
-    # task
-    reward: str = arg("jpeg_compressibility", "a reward of rewards.REWARDS (jpeg_compressibility, "
-                      "jpeg_incompressibility, aesthetic, llava_bertscore, brightness, darkness), your own "
-                      "module:function, or a weighted sum: aesthetic=1.0,jpeg_compressibility=0.05")
-    reward_device: str = arg("auto", "device of the reward models (auto = the policy's); e.g. cuda:1 to "
-                             "keep LLaVA off the policy's GPU")
-    clip_model: str = arg(None, "aesthetic: CLIP hub id or local path (default openai/clip-vit-large-patch14)")
-    aesthetic_head: str = arg(None, "aesthetic: LAION head .pth file, directory or hub id "
-                              "(default trl-lib/ddpo-aesthetic-predictor)")
-    vlm_model: str = arg(None, "llava_bertscore: LLaVA hub id or local path (default llava-hf/llava-1.5-7b-hf)")
-    bertscore_model: str = arg(None, "llava_bertscore: BERTScore model (default microsoft/deberta-xlarge-mnli)")
-    bertscore_layer: int = arg(None, "llava_bertscore: BERTScore layer, hidden_states[L] (default 40)")
-    prompts: str = arg("imagenet_animals", "built-in prompt set name (see PROMPT_SETS) or a .txt file, "
-                       "one prompt per line")
-    # sampling (per process)
-    resolution: int = arg(512, "image side in pixels")
-    num_steps: int = arg(50, "DDIM steps T per trajectory")
-    eta: float = arg(1.0, "DDIM eta > 0: the policy's std is eta * sigma_t")
-    guidance_scale: float = arg(5.0, "classifier-free guidance weight w (<= 1 disables CFG)")
-    sample_batch_size: int = arg(8, "images per sampling batch, per process")
-    sample_num_batches: int = arg(4, "sampling batches per epoch, per process")
-    # training (per process)
-    num_epochs: int = arg(100, "epochs: one epoch = sample, score, train")
-    train_batch_size: int = arg(4, "trajectories per training batch, per process")
-    train_micro_batch: int = arg(0, "(sample, timestep) pairs per UNet call in training; any pairs can share "
-                                 "a call and the step's mean loss is unchanged (0 = train_batch_size, one "
-                                 "timestep of one batch per call, the memory of published code)")
-    gradient_accumulation_steps: int = arg(2, "training batches per optimizer step (each over all kept "
-                                           "timesteps)")
-    num_inner_epochs: int = arg(1, "passes over each epoch's samples")
-    timestep_fraction: float = arg(1.0, "fraction of each trajectory's timesteps trained on (shuffled "
-                                   "per sample)")
-    learning_rate: float = arg(3e-4, "AdamW learning rate (constant)")
-    adam_beta1: float = arg(0.9, "AdamW beta1")
-    adam_beta2: float = arg(0.999, "AdamW beta2")
-    adam_weight_decay: float = arg(1e-4, "AdamW weight decay")
-    adam_epsilon: float = arg(1e-8, "AdamW epsilon")
-    max_grad_norm: float = arg(1.0, "gradient-norm clip")
-    clip_range: float = arg(1e-4, "PPO clip range on the per-step likelihood ratio")
-    adv_clip_max: float = arg(5.0, "advantages are clamped to [-adv_clip_max, adv_clip_max]")
-    per_prompt_stat_tracking: bool = arg(True, "normalise rewards per prompt (else over the epoch batch)")
-    stat_buffer_size: int = arg(16, "per-prompt FIFO length of the stat tracker")
-    stat_min_count: int = arg(16, "below this many rewards for a prompt, use the batch statistics")
-    shuffle_advantages: bool = arg(False, "CONTROL: permute advantages across samples; a run that "
-                                   "still 'learns' with this is not learning the reward")
-    # bookkeeping
-    seed: int = arg(0, "random seed")
-    run_dir: str = arg(None, "directory for config, metrics, images and checkpoints "
-                       "(default runs/<reward>-<time>)")
-    resume: str = arg(None, "checkpoint directory to resume from, or 'auto' (latest in --run-dir, "
-                      "or start fresh if none)")
-    save_every: int = arg(10, "checkpoint every N epochs (and always at the end)")
-    keep_checkpoints: int = arg(3, "keep only the last K checkpoints")
-    image_every: int = arg(5, "write a PNG grid of samples every N epochs (0 = never)")
-
-
-PRESETS = {
-    # CPU, offline: the tiny pipeline pretrained in code. Minutes on 2 cores. Full fine-tuning of its
-    # 1.0M-parameter UNet and no CFG: measured to learn faster per CPU second than LoRA or CFG here.
-    # clip_range 1e-3: log p is a mean over 12*16*16 = 3072 latent elements instead of SD's 16384, so
-    # the ratio is noisier than SD's (sqrt(16384/3072) = 2.3x) and a few CPU minutes need larger steps.
-    "tiny": dict(model="tiny", prompts="tiny_shapes", reward="jpeg_compressibility", mixed_precision="no",
-                 resolution=32, num_steps=10, guidance_scale=1.0, sample_batch_size=32, sample_num_batches=2,
-                 train_batch_size=16, gradient_accumulation_steps=1, timestep_fraction=0.5, num_epochs=120,
-                 train_micro_batch=80,  # all 16 x 5 pairs of a step in one UNet call: 2.0 -> 1.0 s/epoch here
-                 lora_rank=0, learning_rate=3e-4, clip_range=1e-3, stat_buffer_size=32, stat_min_count=8,
-                 save_every=20, image_every=10),
-    # ddpo-notes §6 (kvablack/ddpo-pytorch, SD v1.4, LoRA r4, fp16), sizes per GPU for 8 GPUs (6 for alignment).
-    "compressibility": dict(reward="jpeg_compressibility", prompts="imagenet_animals", num_epochs=100,
-                            sample_batch_size=8, sample_num_batches=4, train_batch_size=4,
-                            gradient_accumulation_steps=2, stat_buffer_size=16, stat_min_count=16),
-    "incompressibility": dict(reward="jpeg_incompressibility", prompts="imagenet_animals", num_epochs=100,
-                              sample_batch_size=8, sample_num_batches=4, train_batch_size=4,
-                              gradient_accumulation_steps=2, stat_buffer_size=16, stat_min_count=16),
-    "aesthetic": dict(reward="aesthetic", prompts="simple_animals", num_epochs=200, sample_batch_size=8,
-                      sample_num_batches=4, train_batch_size=4, gradient_accumulation_steps=4,
-                      stat_buffer_size=32, stat_min_count=16),
-    "alignment": dict(reward="llava_bertscore", prompts="animals_activities", num_epochs=200,
-                      sample_batch_size=8, sample_num_batches=6, train_batch_size=4,
-                      gradient_accumulation_steps=6, stat_buffer_size=32, stat_min_count=16),
-}
-
-SIMPLE_ANIMALS = ("cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon "
-                  "fox wolf lizard beetle ant butterfly fish shark whale dolphin squirrel mouse rat snake "
-                  "turtle frog chicken duck goose bee pig turkey fly llama camel bat gorilla hedgehog "
-                  "kangaroo").split()
-# A short ImageNet-style animal list (the published run used 398 ImageNet animal classes).
-IMAGENET_ANIMALS = SIMPLE_ANIMALS + ("golden retriever|tabby cat|red fox|grey whale|king penguin|goldfish|"
-                                     "great white shark|bald eagle|tree frog|box turtle|green lizard|"
-                                     "tarantula|ladybug|monarch butterfly|hamster|hippopotamus|"
-                                     "african elephant|giant panda|koala|otter|meerkat|flamingo|"
-                                     "peacock|ostrich|jellyfish|starfish|lobster|hermit crab").split("|")
-ACTIVITIES = ["washing the dishes", "riding a bike", "playing chess"]
-
-
-def article(word):
-    return "an" if word[0] in "aeiou" else "a"
-
-
-PROMPT_SETS = {
-    "simple_animals": SIMPLE_ANIMALS,
-    "imagenet_animals": IMAGENET_ANIMALS,
-    "animals_activities": [f"{article(a)} {a} {act}" for a in SIMPLE_ANIMALS for act in ACTIVITIES],
-    "tiny_shapes": None,  # filled in below, next to the tiny pipeline's synthetic captions
-}
-
-
-def build_parser():
-    parser = argparse.ArgumentParser(description="DDPO fine-tuning of a text-to-image diffusion model.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Args):
-        name = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f.metadata["help"])
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str)
-                                                                else f.type.__name__, str)
-            parser.add_argument(name, type=typ, default=f.default, help=f.metadata["help"])
-    return parser
-
-
-def parse_args(argv=None) -> Args:
-    """Preset first, then explicit flags override it."""
-    parser = build_parser()
-    known, _ = parser.parse_known_args(argv)
-    if known.preset is not None:
-        if known.preset not in PRESETS:
-            fail(f"unknown preset {known.preset!r}; choose one of: {', '.join(PRESETS)}")
-        parser.set_defaults(**PRESETS[known.preset])
-    return Args(**vars(parser.parse_args(argv)))
-
-
-def fail(message):
-    """Stop with one clear line (no traceback): bad input is the user's to fix, not a crash."""
-    raise SystemExit(f"ddpo.py: error: {message}")
-
-
-def load_prompts(spec: str) -> list:
-    if spec in PROMPT_SETS:
-        return list(PROMPT_SETS[spec])
-    path = Path(spec)
-    if not path.is_file():
-        fail(f"--prompts {spec!r} is neither a built-in set ({', '.join(PROMPT_SETS)}) nor an existing file")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        fail(f"prompt file {spec!r} has no prompts (one per line expected)")
-    return prompts
-
-
-def validate(args: Args):
-    """Every check that needs no model, so that bad input fails in a second, not after loading SD."""
-    try:
-        rewards_lib.parse_reward_spec(args.reward)
-    except rewards_lib.RewardError as e:
-        fail(f"--reward: {e}")
-    if not args.eta > 0:
-        fail(f"--eta must be > 0 (got {args.eta}): at eta = 0 DDIM is deterministic and the policy has "
-             "no log-likelihood")
-    if args.fused_kernel not in ("auto", "on", "off"):
-        fail(f"--fused-kernel must be auto, on or off (got {args.fused_kernel!r})")
-    if args.mixed_precision not in ("no", "fp16", "bf16"):
-        fail(f"--mixed-precision must be no, fp16 or bf16 (got {args.mixed_precision!r})")
-    for name in ("num_steps", "sample_batch_size", "sample_num_batches", "train_batch_size",
-                 "gradient_accumulation_steps", "num_inner_epochs", "resolution", "stat_buffer_size"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
-    if args.num_epochs < 0 or args.lora_rank < 0 or args.save_every < 1:
-        fail("--num-epochs and --lora-rank must be >= 0, --save-every >= 1")
-    if args.train_micro_batch < 0:
-        fail(f"--train-micro-batch must be >= 0 (got {args.train_micro_batch})")
-    if not 0 < args.timestep_fraction <= 1:
-        fail(f"--timestep-fraction must be in (0, 1] (got {args.timestep_fraction})")
-    if not args.clip_range > 0:
-        fail(f"--clip-range must be > 0 (got {args.clip_range})")
-    samples = args.sample_batch_size * args.sample_num_batches
-    per_step = args.train_batch_size * args.gradient_accumulation_steps
-    if samples % per_step:
-        fail(f"samples per epoch (sample_batch_size {args.sample_batch_size} x sample_num_batches "
-             f"{args.sample_num_batches} = {samples}) must be divisible by train_batch_size "
-             f"{args.train_batch_size} x gradient_accumulation_steps {args.gradient_accumulation_steps} "
-             f"= {per_step}")
-    if args.model != "tiny" and not os.path.isdir(args.model) and rewards_lib.looks_like_path(args.model):
-        fail(f"--model {args.model!r}: no such directory")
-    if args.resume not in (None, "auto") and not os.path.isdir(args.resume):
-        fail(f"--resume {args.resume!r}: no such checkpoint directory")
-    if args.resume == "auto" and args.run_dir is None:
-        fail("--resume auto needs --run-dir (the run whose latest checkpoint to continue)")
-    load_prompts(args.prompts)
-
-
-# ------------------------------------------------------------------------------------------------------
-# The DDIM step with log-prob (ddpo-notes §2). The policy at step t is N(mu, std^2 I).
-# ------------------------------------------------------------------------------------------------------
+# ======================================================================================================
+# 1. The policy: one DDIM step and its log-likelihood.
+#    DDIM (Song, Meng, Ermon 2021), eq. (12): x_{t-1} = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma_t^2)
+#    eps_hat + sigma_t z, with sigma_t = eta * sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)
+#    (eq. 16). With eta > 0 it is a Gaussian N(mu, sigma_t^2 I): DDPO's policy pi(x_{t-1} | x_t, c).
+# ======================================================================================================
 def ddim_coefficients(scheduler, timestep, batch_size, eta, device):
     """Per-sample (B,) float64 coefficients of the DDIM step: sqrt(abar_t), sqrt(1 - abar_t),
     sqrt(abar_prev), the direction coefficient sqrt(1 - abar_prev - std^2), and std = eta * sigma_t.
@@ -277,8 +75,8 @@ def ddim_coefficients(scheduler, timestep, batch_size, eta, device):
     alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float64)
     final = torch.as_tensor(scheduler.final_alpha_cumprod, device=device, dtype=torch.float64)
     alpha_t = alphas_cumprod[t]  # abar_t
-    alpha_prev = torch.where(prev_t >= 0, alphas_cumprod[prev_t.clamp(min=0)], final)
-    std = eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)).sqrt()  # eta * sigma_t
+    alpha_prev = torch.where(prev_t >= 0, alphas_cumprod[prev_t.clamp(min=0)], final)  # abar at t - step
+    std = eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)).sqrt()  # eta * sigma_t, eq. (16)
     return alpha_t.sqrt(), (1 - alpha_t).sqrt(), alpha_prev.sqrt(), (1 - alpha_prev - std**2).sqrt(), std
 
 
@@ -293,7 +91,9 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta=1.0, p
     prev_sample  (B, C, H, W) x_{t-1} to score (a stored transition); None = sample it
     Returns (prev_sample, log_prob): log_prob float32 (B,), the MEAN over C*H*W of
         -(x_{t-1} - mu)^2 / (2 std^2) - log std - log sqrt(2 pi)
-    Gradients flow only through mu (x_{t-1} is detached; std does not depend on the model).
+    (the mean, not the sum, as in the paper's code: the ratio is then a per-element geometric mean, which
+    is why the clip range is as small as 1e-4). Gradients flow only through mu (x_{t-1} is detached; std
+    does not depend on the model).
     """
     if not eta > 0:
         raise ValueError(f"eta must be > 0 (got {eta}): the step needs a nonzero std to have a log-prob")
@@ -301,11 +101,12 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta=1.0, p
         raise ValueError("call scheduler.set_timesteps(num_steps) before ddim_step_with_logprob")
     B, device = sample.shape[0], sample.device
     model_output, sample = model_output.float(), sample.float()
-    shape = (B,) + (1,) * (sample.ndim - 1)
-    coefficients = ddim_coefficients(scheduler, timestep, B, eta, device)  # (B,) float64 each
+    shape = (B,) + (1,) * (sample.ndim - 1)  # broadcast (B,) over (B, C, H, W)
+    # 1. The step's coefficients, per sample, in float64 (eq. 16 for std).
+    coefficients = ddim_coefficients(scheduler, timestep, B, eta, device)
     std = coefficients[-1]
     sqrt_a, sqrt_1ma, sqrt_a_prev, dir_coef, std32 = (c.float().reshape(shape) for c in coefficients)
-
+    # 2. The predicted x_0 and noise (eq. 12's "predicted x_0"; v-prediction rewritten in eps and x_0).
     if scheduler.config.prediction_type == "epsilon":
         eps = model_output
         x0 = (sample - sqrt_1ma * eps) / sqrt_a
@@ -318,19 +119,22 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta=1.0, p
         x0 = scheduler._threshold_sample(x0)
     elif scheduler.config.clip_sample:
         x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+    # 3. The policy's mean: eq. (12) without its noise term.
     mean = sqrt_a_prev * x0 + dir_coef * eps
+    # 4. Sample x_{t-1} = mu + std * z, unless a stored one is being scored.
     if prev_sample is None:
         noise = torch.randn(sample.shape, generator=generator, device=device, dtype=torch.float32)
         prev_sample = mean + std32 * noise
     prev_sample = prev_sample.detach().float()
+    # 5. The Gaussian log-density of x_{t-1}, averaged over the C*H*W elements.
     log_norm = (std.log() + 0.5 * math.log(2 * math.pi)).float().reshape(shape)  # log(std sqrt(2 pi))
     log_prob = -((prev_sample - mean) ** 2) / (2 * std32**2) - log_norm
     return prev_sample, log_prob.mean(dim=tuple(range(1, sample.ndim)))
 
 
-# ------------------------------------------------------------------------------------------------------
-# Advantages (ddpo-notes §3).
-# ------------------------------------------------------------------------------------------------------
+# ======================================================================================================
+# 2. Advantages (paper §4.3 and appendix: rewards normalised per prompt, over a buffer of recent epochs).
+# ======================================================================================================
 class PerPromptStatTracker:
     """Per-prompt reward normalisation. For each prompt, a FIFO of its last `buffer_size` rewards (kept
     across epochs). update() adds this epoch's rewards first, then normalises each prompt's rewards with
@@ -368,9 +172,9 @@ def batch_advantages(rewards) -> np.ndarray:
     return (rewards - rewards.mean()) / (rewards.std() + 1e-8)
 
 
-# ------------------------------------------------------------------------------------------------------
-# The clipped surrogate (DDPO_IS, ddpo-notes §4).
-# ------------------------------------------------------------------------------------------------------
+# ======================================================================================================
+# 3. The clipped surrogate of DDPO_IS (paper §4.3, with PPO's clipping, Schulman et al. 2017).
+# ======================================================================================================
 def ddpo_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip_max):
     """loss = mean(max(-A * ratio, -A * clamp(ratio, 1 - eps, 1 + eps))), A clamped to +-adv_clip_max,
     ratio = exp(log_prob - old_log_prob). All (B,). Returns (loss, ratio)."""
@@ -381,11 +185,1340 @@ def ddpo_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip_max):
     return torch.maximum(unclipped, clipped).mean(), ratio
 
 
+# ======================================================================================================
+# 4. Sampling: trajectories with the log-prob of every step. Training calls the UNet exactly as sampling
+#    does (predict_noise), so scoring a stored trajectory with the weights that sampled it gives ratio 1.
+# ======================================================================================================
+@torch.no_grad()
+def encode_prompts(pipe, prompts):
+    """Text-encoder hidden states (B, L, D) for a list of prompts, padded to the tokenizer's max length."""
+    tokens = pipe.tokenizer(list(prompts), padding="max_length", truncation=True,
+                            max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
+    return pipe.text_encoder(tokens.input_ids.to(pipe.text_encoder.device))[0]
+
+
+def predict_noise(unet, latents, timesteps, cond_embeds, uncond_embeds, guidance_scale):
+    """(eps_cond, eps_uncond) from ONE batched UNet call on [uncond; cond]; eps_uncond is None without CFG
+    (guidance_scale <= 1). latents (B, C, h, w) float32, timesteps scalar or (B,), embeds (B, L, D).
+    Outputs stay in the model dtype. Sampling and training both call this, under the same autocast."""
+    t = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
+    if guidance_scale <= 1:
+        return unet(latents, t, cond_embeds).sample, None
+    eps = unet(torch.cat([latents, latents]), torch.cat([t, t]), torch.cat([uncond_embeds, cond_embeds])).sample
+    eps_uncond, eps_cond = eps.chunk(2)
+    return eps_cond, eps_uncond
+
+
+def classifier_free_guidance(eps_cond, eps_uncond, guidance_scale):
+    """Classifier-free guidance (Ho and Salimans 2022) in float32: eps_u + w * (eps_c - eps_u)."""
+    if eps_uncond is None:
+        return eps_cond.float()
+    return eps_uncond.float() + guidance_scale * (eps_cond.float() - eps_uncond.float())
+
+
+@torch.no_grad()
+def sample_trajectories(unet, scheduler, cond_embeds, uncond_embeds, latent_shape, guidance_scale, eta, generator,
+                        autocast=contextlib.nullcontext, timer=contextlib.nullcontext):
+    """DDIM trajectories with log-probs, all stored in float32 whatever the model dtype (the ratio must be
+    exactly 1 on-policy; fp16 latents would move it by ~1e-4, the size of the clip range). No host sync
+    inside the loop. cond_embeds, uncond_embeds (B, L, D); latent_shape (C, h, w).
+    Returns latents (B, T+1, C, h, w) = x_T .. x_0 and log_probs (B, T) of each step."""
+    B = cond_embeds.shape[0]
+    x = torch.randn((B, *latent_shape), generator=generator, device=cond_embeds.device) * scheduler.init_noise_sigma
+    trajectory, log_probs = [x], []
+    for t in scheduler.timesteps:
+        with timer(), autocast():
+            eps_cond, eps_uncond = predict_noise(unet, x, t, cond_embeds, uncond_embeds, guidance_scale)
+        x, log_prob = ddim_step_with_logprob(scheduler, classifier_free_guidance(eps_cond, eps_uncond, guidance_scale),
+                                             t, x, eta=eta, generator=generator)
+        trajectory.append(x)
+        log_probs.append(log_prob)
+    return torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1)
+
+
+@torch.no_grad()
+def decode_images(vae, latents, autocast=contextlib.nullcontext):
+    """VAE latents (B, C, h, w) -> images (B, 3, H, W) float32 in [0, 1]."""
+    with autocast():
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+# ======================================================================================================
+# 5. The training step. The loss is a mean over (sample, timestep) pairs, so any pairs can share a UNet
+#    call (timesteps differ per sample): micro_batch_loss scores m pairs in one call, training_plan decides
+#    which pairs go together, optimizer_step accumulates them into one clipped AdamW step.
+# ======================================================================================================
+def micro_batch_loss(unet, scheduler, batch, uncond_embeds, guidance_scale, eta, clip_range, adv_clip_max,
+                     fused=False, autocast=contextlib.nullcontext):
+    """The DDPO_IS loss of m (sample, timestep) pairs: one UNet call -> log p of the stored step -> clipped
+    surrogate. batch: x_t (m, C, h, w), t (m,), x_prev (m, C, h, w), old_log_prob (m,), embeds (m, L, D),
+    advantages (m,). uncond_embeds (1, L, D). fused=True computes log p with the Triton kernels of
+    kernels.py (the same math). Returns (loss, log_prob, ratio); loss is the mean over the m pairs."""
+    m = len(batch["t"])
+    with autocast():
+        eps_cond, eps_uncond = predict_noise(unet, batch["x_t"], batch["t"], batch["embeds"],
+                                             uncond_embeds.expand(m, -1, -1), guidance_scale)
+    if fused:
+        log_prob, _ = kernels.ddim_logprob_ratio(scheduler, eps_cond, eps_uncond, guidance_scale, batch["t"],
+                                                 batch["x_t"], batch["x_prev"], batch["old_log_prob"], eta=eta)
+    else:
+        _, log_prob = ddim_step_with_logprob(scheduler, classifier_free_guidance(eps_cond, eps_uncond, guidance_scale),
+                                             batch["t"], batch["x_t"], eta=eta, prev_sample=batch["x_prev"])
+    loss, ratio = ddpo_loss(log_prob, batch["old_log_prob"], batch["advantages"], clip_range, adv_clip_max)
+    return loss, log_prob, ratio
+
+
+def training_plan(num_samples, num_steps, batch_size, accumulation, timestep_fraction, micro_batch, generator):
+    """One inner epoch's schedule (paper appendix: samples shuffled, and time shuffled per sample): a list of
+    optimizer steps, each a list of micro-batches, each a pair (i, j) of (m,) index tensors: sample i, step j
+    of its trajectory. A step covers batch_size * accumulation samples and the first
+    floor(T * timestep_fraction) of each one's shuffled steps, listed in the published order (for each
+    train batch, for each kept step, the batch's samples) and cut into micro-batches of `micro_batch` pairs."""
+    N, T = num_samples, num_steps
+    T_train = max(1, int(T * timestep_fraction))
+    perm = torch.randperm(N, generator=generator)  # (N,) samples shuffled
+    time_perm = torch.stack([torch.randperm(T, generator=generator) for _ in range(N)])  # (N, T) time, per sample
+    B, G = batch_size, accumulation
+    # Offsets within a step's G*B samples and kept slots, in the published order: (P,) each, P = G*T_train*B.
+    offsets = torch.arange(G * B).view(G, 1, B).expand(G, T_train, B).reshape(-1)
+    slots = torch.arange(T_train).view(1, T_train, 1).expand(G, T_train, B).reshape(-1)
+    plan = []
+    for first in range(0, N, G * B):
+        rows = perm[first + offsets]  # (P,) sample of each pair
+        steps = time_perm[first + offsets, slots]  # (P,) trajectory step of each pair
+        plan.append([(rows[k:k + micro_batch], steps[k:k + micro_batch]) for k in range(0, len(rows), micro_batch)])
+    return plan
+
+
+def gather_pairs(samples, i, j):
+    """The micro-batch of pairs (sample i, step j) from an epoch's samples (dict of (N, ...) tensors)."""
+    i, j = i.to(samples["latents"].device), j.to(samples["latents"].device)
+    return {"x_t": samples["latents"][i, j], "x_prev": samples["next_latents"][i, j], "t": samples["timesteps"][i, j],
+            "old_log_prob": samples["log_probs"][i, j], "embeds": samples["embeds"][i],
+            "advantages": samples["advantages"][i]}
+
+
+def optimizer_step(loss_fn, samples, micro_batches, optimizer, params, scaler, max_grad_norm, clip_range):
+    """One optimizer step over the pairs of `micro_batches` (see training_plan): each micro-batch
+    backpropagates its loss * m / P, so the step sees exactly the mean loss over its P pairs, however they
+    are packed. Gradients averaged over processes, norm clipped, one step. loss_fn(batch) -> (loss, log_prob,
+    ratio). Returns un-synced (6,) float32 sums: loss * pairs, approx_kl * pairs, clipped pairs, pairs,
+    max |ratio - 1|, and the gradient norm before clipping."""
+    P = sum(len(i) for i, _ in micro_batches)
+    sums = torch.zeros(5, device=samples["latents"].device)
+    for i, j in micro_batches:
+        batch = gather_pairs(samples, i, j)
+        loss, log_prob, ratio = loss_fn(batch)
+        scaler.scale(loss * (len(i) / P)).backward()
+        with torch.no_grad():
+            deviation = (ratio - 1).abs()
+            sums[:4] += torch.stack([loss * len(i), 0.5 * ((log_prob - batch["old_log_prob"]) ** 2).sum(),
+                                     (deviation > clip_range).float().sum(), sums.new_tensor(float(len(i)))])
+            sums[4] = torch.maximum(sums[4], deviation.max())
+    average_gradients(params)  # torchrun: the mean over processes, identical on every rank
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return torch.cat([sums, grad_norm.float().reshape(1).to(sums.device)])
+
+
+def rescore_old_log_probs(loss_fn, samples, plan):
+    """Exact-ratio mode: before the first update, replace the sampled log-probs of the pairs in `plan` by
+    those of the training forward itself (same micro-batches, train mode, autograd on, nothing kept). With
+    the same weights, inputs and kernels, training then computes the same numbers, so the on-policy ratio
+    is exactly 1 whatever the precision or the kernels' batch-size dependence. Costs one forward per pair."""
+    log_probs = samples["log_probs"].clone()
+    for micro_batches in plan:
+        for i, j in micro_batches:
+            _, log_prob, _ = loss_fn(gather_pairs(samples, i, j))
+            log_probs[i.to(log_probs.device), j.to(log_probs.device)] = log_prob.detach()
+    return {**samples, "log_probs": log_probs}
+
+
+# ======================================================================================================
+# 6. The epoch loop (paper §4.3, appendix): sample -> reward -> advantages -> train -> log.
+# ======================================================================================================
+def train(args):
+    """DDPO_IS on `args`. Everything that is not the algorithm (devices, models, run directory, resume,
+    logging, stopping cleanly) is in Run, below the line."""
+    run = Run(args)
+    unet, scheduler = run.unet, run.pipe.scheduler
+    loss_fn = functools.partial(micro_batch_loss, unet, scheduler, uncond_embeds=run.uncond_embeds,
+                                guidance_scale=args.guidance_scale, eta=args.eta, clip_range=args.clip_range,
+                                adv_clip_max=args.adv_clip_max, fused=run.fused, autocast=run.autocast)
+    with run.stop_guard():
+        for epoch in range(run.start_epoch, args.num_epochs):
+            run.begin_epoch(epoch)
+
+            # Sample: B trajectories per batch, with the log-prob of every step; each batch's rewards are
+            # computed in a worker thread while the next batch samples.
+            unet.eval()
+            batches = []
+            for _ in run.progress(range(args.sample_num_batches), f"epoch {epoch} sample"):
+                prompts = run.draw_prompts(args.sample_batch_size)
+                embeds = run.encode(prompts)  # (B, L, D), reused by training
+                latents, log_probs = sample_trajectories(  # (B, T+1, C, h, w), (B, T)
+                    unet, scheduler, embeds, run.uncond_embeds.expand(len(prompts), -1, -1), run.latent_shape,
+                    args.guidance_scale, args.eta, run.sample_gen, run.autocast, run.timer)
+                images = run.decode(latents[:, -1])  # (B, 3, H, W) in [0, 1]
+                batches.append(dict(prompts=prompts, embeds=embeds, latents=latents, log_probs=log_probs,
+                                    images=images, reward=run.reward_worker.submit(images, prompts)))
+            run.mark("sampled")
+
+            # Reward: every process's prompts and rewards, so that advantages see the global epoch batch.
+            all_prompts, rewards, infos = run.gather_rewards(batches)
+            run.mark("rewarded")
+
+            # Advantages: normalised per prompt (or over the batch); this process keeps its own slice.
+            if args.per_prompt_stat_tracking:
+                advantages = run.tracker.update(all_prompts, rewards.numpy())
+            else:
+                advantages = batch_advantages(rewards.numpy())
+            n = args.sample_batch_size * args.sample_num_batches
+            advantages = advantages[run.rank * n:(run.rank + 1) * n]
+            if args.shuffle_advantages:  # the control: same advantage values, no link to the samples
+                advantages = advantages[run.np_rng.permutation(len(advantages))]
+            trajectories = torch.cat([b["latents"] for b in batches])  # (N, T+1, C, h, w)
+            samples = {"embeds": torch.cat([b["embeds"] for b in batches]),  # (N, L, D)
+                       "latents": trajectories[:, :-1], "next_latents": trajectories[:, 1:],  # x_t, x_{t-1}
+                       "log_probs": torch.cat([b["log_probs"] for b in batches]),  # (N, T)
+                       "timesteps": scheduler.timesteps.repeat(n, 1),  # (N, T)
+                       "advantages": torch.as_tensor(advantages, dtype=torch.float32, device=run.device)}  # (N,)
+
+            # Train: shuffled (sample, step) pairs, one clipped AdamW step per
+            # train_batch_size * gradient_accumulation_steps samples.
+            run.begin_training(batches, rewards, infos)
+            unet.train()
+            plans = [training_plan(n, args.num_steps, args.train_batch_size, args.gradient_accumulation_steps,
+                                   args.timestep_fraction, args.train_micro_batch or args.train_batch_size,
+                                   run.train_gen) for _ in range(args.num_inner_epochs)]
+            if run.exact_ratio:
+                with run.timer():
+                    samples = rescore_old_log_probs(loss_fn, samples, plans[0])
+            for plan in plans:
+                for micro_batches in run.progress(plan, f"epoch {epoch} train"):
+                    with run.timer():
+                        sums = optimizer_step(loss_fn, samples, micro_batches, run.optimizer, run.params,
+                                              run.scaler, args.max_grad_norm, args.clip_range)
+                    run.log_step(epoch, sums)  # stops the run if the loss, gradient or weights are not finite
+
+            # Log: the epoch's rewards, train metrics and timings; a checkpoint every save_every epochs.
+            run.end_epoch(epoch, rewards, infos)
+    return run.run_dir
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sample"]:
+        return sample_main(argv[1:])
+    args = parse_args(argv)
+    validate(args)  # every check that needs no model: bad input fails in a second
+    try:
+        return train(args)
+    except KeyboardInterrupt:  # while loading, before the first epoch (later ones are Run.stop_guard's)
+        print("ddpo.py: interrupted while starting; nothing was trained", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+# ══════════════════════════════════════════════════════════════════════════════════════════════════════
+# Infrastructure below this line: arguments, the run (devices, models, run directory, resume, logging,
+# stopping), the reward worker, distributed, checkpoints, the `sample` command, the tiny offline test bed.
+# ══════════════════════════════════════════════════════════════════════════════════════════════════════
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Args:
+    """Every field is a --flag (underscores become dashes); its help is the --help text. The defaults are
+    the paper's published per-GPU settings for Stable Diffusion (compressibility task)."""
+    preset: str = arg(None, "named set of defaults applied first (explicit flags override); names below")
+    # model
+    model: str = arg("CompVis/stable-diffusion-v1-4", "hub id or local path of a diffusers SD 1.x/2.x "
+                     "checkpoint, or 'tiny' for the offline CPU pipeline pretrained in code (cached)")
+    lora_rank: int = arg(4, "LoRA rank on the UNet attention projections; 0 = full fine-tuning")
+    mixed_precision: str = arg("fp16", "no | fp16 | bf16: dtype of frozen weights and autocast; "
+                               "trainable parameters and stored trajectories stay float32")
+    tf32: bool = arg(False, "allow TF32 matmuls and convolutions on Ampere+ GPUs (faster fp32, but ~1e-4 "
+                     "noise in the ratio; --exact-ratio auto then re-scores)")
+    exact_ratio: str = arg("auto", "auto | on | off: re-score the sampled log-probs with the training forward "
+                           "before each epoch's first update, so the on-policy ratio is exactly 1 (one extra "
+                           "forward per trained pair). auto = on with fp16, bf16 or --tf32")
+    gradient_checkpointing: bool = arg(False, "recompute UNet activations in the backward pass: less "
+                                       "memory, more time, the same gradients")
+    offload_frozen: bool = arg(False, "keep the VAE and text encoder on the CPU, moving each to the device "
+                               "only for its calls (frees their memory while the UNet trains)")
+    compile: bool = arg(False, "torch.compile the UNet (for GPUs: the first calls of each new batch shape "
+                        "compile for a minute or more)")
+    device: str = arg("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
+    fused_kernel: str = arg("auto", "auto | on | off: the Triton kernels of kernels.py for the training step's "
+                            "log-prob (auto = on for CUDA; on CPU tensors 'on' needs TRITON_INTERPRET=1, for tests)")
+    # task
+    reward: str = arg("jpeg_compressibility", "a reward of rewards.REWARDS (jpeg_compressibility, "
+                      "jpeg_incompressibility, aesthetic, llava_bertscore, brightness, darkness), your own "
+                      "module:function, or a weighted sum: aesthetic=1.0,jpeg_compressibility=0.05")
+    reward_device: str = arg("auto", "device of the reward models (auto = the policy's); e.g. cuda:1 to "
+                             "keep LLaVA off the policy's GPU")
+    clip_model: str = arg(None, "aesthetic: CLIP hub id or local path (default openai/clip-vit-large-patch14)")
+    aesthetic_head: str = arg(None, "aesthetic: LAION head .pth file, directory or hub id "
+                              "(default trl-lib/ddpo-aesthetic-predictor)")
+    vlm_model: str = arg(None, "llava_bertscore: LLaVA hub id or local path (default llava-hf/llava-1.5-7b-hf)")
+    bertscore_model: str = arg(None, "llava_bertscore: BERTScore model (default microsoft/deberta-xlarge-mnli)")
+    bertscore_layer: int = arg(None, "llava_bertscore: BERTScore layer, hidden_states[L] (default 40)")
+    prompts: str = arg("imagenet_animals", "a built-in prompt set (imagenet_animals, simple_animals, "
+                       "animals_activities, tiny_shapes) or a UTF-8 .txt file, one prompt per line")
+    # sampling (per process)
+    resolution: int = arg(None, "image side in pixels (default: the model's own, UNet sample size x VAE factor)")
+    num_steps: int = arg(50, "DDIM steps T per trajectory")
+    eta: float = arg(1.0, "DDIM eta > 0: the policy's std is eta * sigma_t")
+    guidance_scale: float = arg(5.0, "classifier-free guidance weight w (<= 1 disables CFG)")
+    sample_batch_size: int = arg(8, "images per sampling batch, per process")
+    sample_num_batches: int = arg(4, "sampling batches per epoch, per process")
+    # training (per process)
+    num_epochs: int = arg(100, "epochs: one epoch = sample, score, train")
+    train_batch_size: int = arg(4, "trajectories per training batch, per process")
+    train_micro_batch: int = arg(0, "(sample, timestep) pairs per UNet call in training; any pairs can share "
+                                 "a call and the step's mean loss is unchanged (0 = train_batch_size, one "
+                                 "timestep of one batch per call, the memory of published code)")
+    gradient_accumulation_steps: int = arg(2, "training batches per optimizer step (each over all kept "
+                                           "timesteps)")
+    num_inner_epochs: int = arg(1, "passes over each epoch's samples")
+    timestep_fraction: float = arg(1.0, "fraction of each trajectory's timesteps trained on (shuffled "
+                                   "per sample)")
+    learning_rate: float = arg(3e-4, "AdamW learning rate (constant)")
+    adam_beta1: float = arg(0.9, "AdamW beta1")
+    adam_beta2: float = arg(0.999, "AdamW beta2")
+    adam_weight_decay: float = arg(1e-4, "AdamW weight decay")
+    adam_epsilon: float = arg(1e-8, "AdamW epsilon")
+    max_grad_norm: float = arg(1.0, "gradient-norm clip (inf = no clipping)")
+    clip_range: float = arg(1e-4, "PPO clip range on the per-step likelihood ratio")
+    adv_clip_max: float = arg(5.0, "advantages are clamped to [-adv_clip_max, adv_clip_max]")
+    per_prompt_stat_tracking: bool = arg(True, "normalise rewards per prompt (else over the epoch batch)")
+    stat_buffer_size: int = arg(16, "per-prompt FIFO length of the stat tracker")
+    stat_min_count: int = arg(16, "below this many rewards for a prompt, use the batch statistics")
+    shuffle_advantages: bool = arg(False, "CONTROL: permute advantages across samples; a run that "
+                                   "still 'learns' with this is not learning the reward")
+    # bookkeeping
+    seed: int = arg(0, "random seed, in [0, 2^31)")
+    run_dir: str = arg(None, "directory for config, metrics, images and checkpoints "
+                       "(default runs/<reward>-<time>); it must not hold another run unless --overwrite")
+    overwrite: bool = arg(False, "start fresh in a --run-dir that holds a run, deleting its metrics, images and "
+                          "checkpoints")
+    resume: str = arg(None, "checkpoint directory to resume from, or 'auto' (latest good checkpoint in "
+                      "--run-dir, or start fresh if none)")
+    save_every: int = arg(10, "checkpoint every N epochs (and always at the end)")
+    keep_checkpoints: int = arg(3, "keep only the last K >= 1 checkpoints")
+    image_every: int = arg(5, "write a PNG grid of samples every N epochs (0 = never)")
+
+
+PRESETS = {
+    # CPU, offline: the tiny pipeline pretrained in code. Minutes on 2 cores. Full fine-tuning of its
+    # 1.0M-parameter UNet and no CFG: measured (README) to learn faster per CPU second than LoRA or CFG.
+    # clip_range 1e-3: log p is a mean over 12*16*16 = 3072 latent elements instead of SD's 16384, so
+    # the ratio is noisier than SD's (sqrt(16384/3072) = 2.3x) and a few CPU minutes need larger steps.
+    "tiny": dict(model="tiny", prompts="tiny_shapes", reward="jpeg_compressibility", mixed_precision="no",
+                 num_steps=10, guidance_scale=1.0, sample_batch_size=32, sample_num_batches=2,
+                 train_batch_size=16, gradient_accumulation_steps=1, timestep_fraction=0.5, num_epochs=120,
+                 train_micro_batch=80,  # all 16 x 5 pairs of a step in one UNet call
+                 lora_rank=0, learning_rate=3e-4, clip_range=1e-3, stat_buffer_size=32, stat_min_count=8,
+                 save_every=20, image_every=10),
+    # The paper's runs (SD v1.4, LoRA r4, fp16), sizes per GPU for 8 GPUs (6 for alignment).
+    "compressibility": dict(reward="jpeg_compressibility", prompts="imagenet_animals", num_epochs=100,
+                            sample_batch_size=8, sample_num_batches=4, train_batch_size=4,
+                            gradient_accumulation_steps=2, stat_buffer_size=16, stat_min_count=16),
+    "incompressibility": dict(reward="jpeg_incompressibility", prompts="imagenet_animals", num_epochs=100,
+                              sample_batch_size=8, sample_num_batches=4, train_batch_size=4,
+                              gradient_accumulation_steps=2, stat_buffer_size=16, stat_min_count=16),
+    "aesthetic": dict(reward="aesthetic", prompts="simple_animals", num_epochs=200, sample_batch_size=8,
+                      sample_num_batches=4, train_batch_size=4, gradient_accumulation_steps=4,
+                      stat_buffer_size=32, stat_min_count=16),
+    "alignment": dict(reward="llava_bertscore", prompts="animals_activities", num_epochs=200,
+                      sample_batch_size=8, sample_num_batches=6, train_batch_size=4,
+                      gradient_accumulation_steps=6, stat_buffer_size=32, stat_min_count=16),
+}
+
+SIMPLE_ANIMALS = ("cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon "
+                  "fox wolf lizard beetle ant butterfly fish shark whale dolphin squirrel mouse rat snake "
+                  "turtle frog chicken duck goose bee pig turkey fly llama camel bat gorilla hedgehog "
+                  "kangaroo").split()
+# A short ImageNet-style animal list (the published run used 398 ImageNet animal classes).
+IMAGENET_ANIMALS = SIMPLE_ANIMALS + ("golden retriever|tabby cat|red fox|grey whale|king penguin|goldfish|"
+                                     "great white shark|bald eagle|tree frog|box turtle|green lizard|"
+                                     "tarantula|ladybug|monarch butterfly|hamster|hippopotamus|"
+                                     "african elephant|giant panda|koala|otter|meerkat|flamingo|"
+                                     "peacock|ostrich|jellyfish|starfish|lobster|hermit crab").split("|")
+ACTIVITIES = ["washing the dishes", "riding a bike", "playing chess"]
+PROMPT_SETS = {
+    "simple_animals": SIMPLE_ANIMALS,
+    "imagenet_animals": IMAGENET_ANIMALS,
+    "animals_activities": [f"{'an' if a[0] in 'aeiou' else 'a'} {a} {act}" for a in SIMPLE_ANIMALS
+                           for act in ACTIVITIES],
+    # captions of the tiny test bed's synthetic images (see synthetic_shapes, at the end of the file)
+    "tiny_shapes": ["a red circle on blue", "a yellow square on black", "a green triangle on white",
+                    "a purple ring on grey", "a orange circle on green", "a blue square on yellow",
+                    "a white triangle on purple", "a black ring on orange"],
+}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="DDPO fine-tuning of a text-to-image diffusion model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=f"presets: {', '.join(PRESETS)}. prompt sets: {', '.join(PROMPT_SETS)}. "
+               "Also: 'python ddpo.py sample --checkpoint DIR' renders the base model beside a checkpoint "
+               "(see 'python ddpo.py sample --help').")
+    for f in dataclasses.fields(Args):
+        name = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata["help"])
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str)
+                                                                else f.type.__name__, str)
+            parser.add_argument(name, type=typ, default=f.default, help=f.metadata["help"])
+    return parser
+
+
+def parse_args(argv=None) -> Args:
+    """Preset first, then explicit flags override it."""
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.preset is not None:
+        if known.preset not in PRESETS:
+            fail(f"unknown preset {known.preset!r}; choose one of: {', '.join(PRESETS)}")
+        parser.set_defaults(**PRESETS[known.preset])
+    return Args(**vars(parser.parse_args(argv)))
+
+
+class RunStopped(Exception):
+    """The run cannot go on (diverged, a reward broke, a checkpoint could not be written): one line for the
+    user, raised where it is found and reported by Run.stop_guard."""
+
+
+def fail(message):
+    """Stop with one clear line (no traceback): bad input is the user's to fix, not a crash."""
+    raise SystemExit(f"ddpo.py: error: {message}")
+
+
+def load_prompts(spec: str) -> list:
+    if spec in PROMPT_SETS:
+        return list(PROMPT_SETS[spec])
+    path = Path(spec)
+    if not path.is_file():
+        fail(f"--prompts {spec!r} is neither a built-in set ({', '.join(PROMPT_SETS)}) nor an existing file")
+    try:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        fail(f"--prompts {spec!r} is not UTF-8 text ({e.reason} at byte {e.start})")
+    if not prompts:
+        fail(f"prompt file {spec!r} has no prompts (one per line expected)")
+    return prompts
+
+
+def check_device(flag, value, allow_auto=True):
+    """'auto', 'cpu', 'cuda' or 'cuda:N' that exists here; anything else fails in one line."""
+    if allow_auto and value == "auto":
+        return
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        fail(f"{flag} {value!r} is not a device: use auto, cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        fail(f"{flag} {value!r}: only cpu and cuda devices are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"{flag} {value!r}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        fail(f"{flag} {value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def validate(args: Args):
+    """Every check that needs no model, so that bad input fails in a second, not after loading SD. Each
+    message names the flag and the value."""
+    def need(ok, flag, value, what):
+        if not ok:
+            fail(f"--{flag.replace('_', '-')} must be {what} (got {value!r})")
+
+    try:
+        rewards_lib.parse_reward_spec(args.reward)
+    except rewards_lib.RewardError as e:
+        fail(f"--reward: {e}")
+    for flag, choices in (("fused_kernel", ("auto", "on", "off")), ("exact_ratio", ("auto", "on", "off")),
+                          ("mixed_precision", ("no", "fp16", "bf16"))):
+        need(getattr(args, flag) in choices, flag, getattr(args, flag), " or ".join(choices))
+    need(args.eta > 0 and math.isfinite(args.eta), "eta", args.eta,
+         "> 0 and finite: at eta = 0 DDIM is deterministic and the policy has no log-likelihood")
+    for flag in ("num_steps", "sample_batch_size", "sample_num_batches", "train_batch_size", "num_epochs",
+                 "gradient_accumulation_steps", "num_inner_epochs", "stat_buffer_size", "stat_min_count",
+                 "save_every", "keep_checkpoints"):
+        need(getattr(args, flag) >= 1, flag, getattr(args, flag), ">= 1")
+    for flag in ("lora_rank", "train_micro_batch", "image_every"):
+        need(getattr(args, flag) >= 0, flag, getattr(args, flag), ">= 0")
+    need(args.resolution is None or args.resolution >= 1, "resolution", args.resolution, ">= 1")
+    need(args.num_steps <= 1000, "num_steps", args.num_steps, "<= 1000, the diffusion's training timesteps")
+    need(args.stat_min_count <= args.stat_buffer_size, "stat_min_count", args.stat_min_count,
+         f"<= --stat-buffer-size {args.stat_buffer_size} (the buffer could never hold that many)")
+    need(0 < args.timestep_fraction <= 1, "timestep_fraction", args.timestep_fraction, "in (0, 1]")
+    for flag in ("learning_rate", "clip_range", "adam_epsilon"):
+        need(0 < getattr(args, flag) < math.inf, flag, getattr(args, flag), "> 0 and finite")
+    for flag in ("max_grad_norm", "adv_clip_max"):  # inf: no clipping
+        need(getattr(args, flag) > 0, flag, getattr(args, flag), "> 0 (inf for no clipping)")
+    need(0 <= args.adam_weight_decay < math.inf, "adam_weight_decay", args.adam_weight_decay, ">= 0 and finite")
+    for flag in ("adam_beta1", "adam_beta2"):
+        need(0 <= getattr(args, flag) < 1, flag, getattr(args, flag), "in [0, 1)")
+    need(math.isfinite(args.guidance_scale) and args.guidance_scale >= 0, "guidance_scale", args.guidance_scale,
+         ">= 0 and finite")
+    need(0 <= args.seed < 2**31, "seed", args.seed, "in [0, 2^31)")
+    samples = args.sample_batch_size * args.sample_num_batches
+    per_step = args.train_batch_size * args.gradient_accumulation_steps
+    if samples % per_step:
+        fail(f"samples per epoch (sample_batch_size {args.sample_batch_size} x sample_num_batches "
+             f"{args.sample_num_batches} = {samples}) must be divisible by train_batch_size "
+             f"{args.train_batch_size} x gradient_accumulation_steps {args.gradient_accumulation_steps} "
+             f"= {per_step}")
+    check_device("--device", args.device)
+    check_device("--reward-device", args.reward_device)
+    if args.model != "tiny" and not os.path.isdir(args.model):
+        first = args.model.split("/")[0]
+        if rewards_lib.looks_like_path(args.model) or (first != args.model and os.path.isdir(first)):
+            fail(f"--model {args.model!r}: no such directory")
+    if args.resume == "auto" and args.run_dir is None:
+        fail("--resume auto needs --run-dir (the run whose latest checkpoint to continue)")
+    if args.resume not in (None, "auto"):
+        missing = [f for f in ("config.json", "trainer_state.pt") if not (Path(args.resume) / f).is_file()]
+        if missing:
+            fail(f"--resume {args.resume!r} is not a checkpoint directory (no {' or '.join(missing)})")
+    if args.run_dir is not None:
+        check_run_dir(Path(args.run_dir), fresh=args.resume is None, overwrite=args.overwrite)
+    load_prompts(args.prompts)
+
+
+def check_run_dir(run_dir: Path, fresh: bool, overwrite: bool):
+    """A run directory must be creatable and writable, and belongs to one run: a fresh start in one that
+    holds a run (config, metrics or checkpoints) is refused unless --overwrite."""
+    if run_dir.exists() and not run_dir.is_dir():
+        fail(f"--run-dir {str(run_dir)!r} is a file, not a directory")
+    existing = next((p for p in [run_dir, *run_dir.parents] if p.exists()), Path("."))
+    if not existing.is_dir():
+        fail(f"--run-dir {str(run_dir)!r}: {str(existing)!r} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"--run-dir {str(run_dir)!r}: {str(existing)!r} is not writable")
+    held = [name for name in ("config.json", "metrics.jsonl", "checkpoints") if (run_dir / name).exists()]
+    if fresh and held and not overwrite:
+        fail(f"--run-dir {str(run_dir)!r} already holds a run ({', '.join(held)}): continue it with --resume auto, "
+             "choose another --run-dir, or pass --overwrite to replace it")
+
+
 # ------------------------------------------------------------------------------------------------------
-# The tiny offline pipeline: a small SD-shaped model (UNet2DConditionModel, AutoencoderKL, CLIP text
+# The run: everything train() needs that is not the algorithm.
+# ------------------------------------------------------------------------------------------------------
+class Run:
+    """Devices, models, optimizer, run directory, resume, reward worker, logging and stopping for train().
+    Rank 0 alone prints and writes."""
+
+    def __init__(self, args: Args):
+        self.args = args
+        self.rank, self.world, device = init_distributed(args.device)  # (0, 1, None) without torchrun
+        self.is_main = self.rank == 0
+        self.log = print if self.is_main else (lambda *a, **k: None)
+        if device is None:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
+                else torch.device(args.device)
+        self.device = device
+        if args.fused_kernel == "on" and not (device.type == "cuda" or kernels.triton_interpreter_on()):
+            fail("--fused-kernel on needs a CUDA device, or TRITON_INTERPRET=1 to run the kernels on the CPU")
+        # auto: on GPUs only. The interpreter runs them on the CPU, correctly but far slower: for tests.
+        self.fused = args.fused_kernel == "on" or (args.fused_kernel == "auto" and device.type == "cuda")
+        # TF32 moves what enters the ratio by about the clip range (README): off unless asked for.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+        self.exact_ratio = args.exact_ratio == "on" or (
+            args.exact_ratio == "auto" and (args.mixed_precision != "no" or (args.tf32 and device.type == "cuda")))
+
+        # Run directory and checkpoint: rank 0 decides, every rank follows.
+        slug = re.sub(r"[^\w.-]+", "_", args.reward)  # "aesthetic=1,mod:fn" -> "aesthetic_1_mod_fn"
+        run_dir = Path(args.run_dir or f"runs/{slug}-{time.strftime('%Y%m%d-%H%M%S')}")
+        checkpoint, state = find_checkpoint(args, run_dir, self.log) if self.is_main else (None, None)
+        self.run_dir, checkpoint = all_gather_objects((run_dir, checkpoint))[0]
+        if checkpoint is not None and not self.is_main:
+            _, state = read_checkpoint(checkpoint)
+        if state is not None and state["next_epoch"] >= args.num_epochs:
+            self.log(f"{checkpoint} has trained {state['next_epoch']} epochs already, --num-epochs is "
+                     f"{args.num_epochs}: nothing to do (raise --num-epochs to train on)")
+            raise SystemExit(0)
+        self.prompts = load_prompts(args.prompts)
+        # Reward models load now, so that a missing one fails before the policy loads.
+        self.reward_fn = build_reward(args, device if args.reward_device == "auto" else torch.device(args.reward_device))
+        self.dtype, self.autocast = precision(args, device)
+
+        random.seed(args.seed)
+        torch.manual_seed(args.seed)  # the same on every rank: LoRA's random init must agree
+        rank_seed = args.seed + 1000 * self.rank  # each process its own prompts, noise and shuffles
+        self.np_rng = np.random.default_rng(rank_seed)  # prompts, control shuffles
+        self.sample_gen = torch.Generator(device).manual_seed(rank_seed)  # sampling noise
+        self.train_gen = torch.Generator().manual_seed(rank_seed + 1)  # training shuffles
+
+        if args.model == "tiny" and self.world > 1:  # one process pretrains (once, cached); the others wait
+            if self.is_main:
+                tiny_pretrained_path(seed=0, log=self.log)
+            torch.distributed.barrier()
+        self.pipe = pipe = load_pipeline(args, device, self.dtype, self.log)
+        if args.num_steps > pipe.scheduler.config.num_train_timesteps:
+            fail(f"--num-steps {args.num_steps} exceeds the model's {pipe.scheduler.config.num_train_timesteps} "
+                 "diffusion timesteps")
+        if args.offload_frozen:
+            pipe.vae.to("cpu"), pipe.text_encoder.to("cpu")
+        self.unet = pipe.unet
+        select_unet_kernels(self.unet, device)
+        self.params = setup_trainable(self.unet, args)  # fp32 trainable weights (LoRA or all), frozen ones in dtype
+        self.optimizer = torch.optim.AdamW(self.params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
+        self.start_epoch, self.global_step = 0, 0
+        if state is not None:
+            self.restore(checkpoint, state)
+        self.latent_shape = latent_shape_of(pipe, args.resolution)
+        pipe.scheduler.set_timesteps(args.num_steps, device=device)
+        self.timer = ModelTimer(device)
+        warn_truncated_prompts(pipe.tokenizer, self.prompts, self.log)
+        self.uncond_embeds = self.encode([""])  # (1, L, D), the empty prompt of CFG
+
+        if self.is_main:
+            (self.run_dir / "images").mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(
+                json.dumps({**dataclasses.asdict(args), "world_size": self.world,
+                            "resolution_used": self.latent_shape[1] * vae_factor(pipe)}, indent=2))
+        self.metrics = MetricsFile(self.run_dir / "metrics.jsonl", self.start_epoch, self.is_main, self.log)
+        self.reward_worker = RewardWorker(self.reward_fn, args.reward)
+        self.saved_epoch, self.epoch, self.in_training, self.epoch_start_rngs = self.start_epoch, None, False, None
+        self.warned_ratio = False
+        self.log(f"ddpo: {args.model} | reward {args.reward} | {args.sample_batch_size * args.sample_num_batches} "
+                 f"samples/epoch x {self.world} process(es) | {args.num_epochs} epochs | LoRA rank {args.lora_rank} | "
+                 f"{device} {args.mixed_precision}{' exact-ratio' if self.exact_ratio else ''} | {self.run_dir}")
+
+    # --- models ---
+    def offloaded(self, module):
+        return on_device(module, self.device) if self.args.offload_frozen else contextlib.nullcontext()
+
+    def encode(self, prompts):
+        with self.timer(), self.offloaded(self.pipe.text_encoder):
+            return encode_prompts(self.pipe, prompts).to(self.device)
+
+    def decode(self, latents):
+        with self.timer(), self.offloaded(self.pipe.vae):
+            return decode_images(self.pipe.vae, latents, self.autocast)
+
+    def draw_prompts(self, n):
+        return [self.prompts[i] for i in self.np_rng.integers(len(self.prompts), size=n)]
+
+    def progress(self, iterable, desc):
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, desc=desc, leave=False, disable=not self.is_main)
+
+    def restore(self, checkpoint, state):
+        """Weights, optimizer, scaler, stat tracker, RNG states, epoch and step from a checkpoint. The
+        optimizer's hyperparameters are this run's flags (e.g. a lower --learning-rate on resume)."""
+        load_trainable_weights(checkpoint, self.unet, self.args, state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:
+            group.update(lr=self.args.learning_rate, betas=(self.args.adam_beta1, self.args.adam_beta2),
+                         weight_decay=self.args.adam_weight_decay, eps=self.args.adam_epsilon)
+        self.scaler.load_state_dict(state["scaler"])
+        self.tracker.load_state_dict(state["tracker"])
+        if len(state["rng"]) != self.world:
+            fail(f"cannot resume from {checkpoint}: it was written by {len(state['rng'])} process(es), this run "
+                 f"has {self.world}; the batch arithmetic and every process's random state depend on it")
+        set_rng_state(state["rng"][self.rank], self.np_rng, self.sample_gen, self.train_gen)
+        self.start_epoch, self.global_step = state["next_epoch"], state["global_step"]
+        self.log(f"resumed from {checkpoint} at epoch {self.start_epoch}, step {self.global_step}")
+
+    # --- the epoch's phases ---
+    def begin_epoch(self, epoch):
+        self.epoch, self.in_training = epoch, False
+        self.epoch_start_rngs = all_gather_objects(rng_state(self.np_rng, self.sample_gen, self.train_gen))
+        self.times, self.step_sums, self.ratio_dev_onpolicy = {"start": time.perf_counter()}, [], None
+
+    def mark(self, phase):
+        self.times[phase] = time.perf_counter()
+
+    def gather_rewards(self, batches):
+        """(all prompts, rewards float32 (N_all,), infos) over every process, in rank order. A reward error on
+        any process stops every process (none is left waiting in a collective)."""
+        prompts = [p for b in batches for p in b["prompts"]]
+        scores, infos, error = [], {}, None
+        try:
+            for b in batches:
+                score, info = b["reward"].result()
+                scores.append(score)
+                for k, v in info.items():
+                    infos.setdefault(k, []).extend(v)
+        except rewards_lib.RewardError as e:
+            error = str(e)
+        gathered = all_gather_objects({"prompts": prompts, "scores": None if error else torch.cat(scores).tolist(),
+                                       "infos": infos, "error": error})
+        errors = [g["error"] for g in gathered if g["error"]]
+        if errors:
+            raise RunStopped(errors[0])
+        all_prompts = [p for g in gathered for p in g["prompts"]]
+        rewards = torch.tensor([r for g in gathered for r in g["scores"]], dtype=torch.float32)
+        return all_prompts, rewards, {k: [x for g in gathered for x in g["infos"][k]] for k in infos}
+
+    def begin_training(self, batches, rewards, infos):
+        """Weights change from here on: a stop can no longer save this epoch's starting state. First the
+        epoch's image grid, while the samples are at hand."""
+        epoch, args = self.epoch, self.args
+        if self.is_main and args.image_every and epoch % args.image_every == 0:
+            n = len(batches[0]["prompts"])
+            save_image_grid(self.run_dir / "images" / f"epoch_{epoch:04d}.png", batches[0]["images"],
+                            batches[0]["prompts"], rewards[:n].tolist(), {k: v[:n] for k, v in infos.items()})
+        self.in_training = True
+
+    def log_step(self, epoch, sums):
+        """One optimizer step's metrics (over every process's pairs), one host sync. A non-finite loss,
+        gradient norm or weight stops the run here, before it is logged or saved."""
+        if distributed():
+            torch.distributed.all_reduce(sums[:4])
+            torch.distributed.all_reduce(sums[4:5], op=torch.distributed.ReduceOp.MAX)
+        finite_weights = torch.isfinite(torch.stack(torch._foreach_norm(self.params))).all()
+        loss_sum, kl_sum, clipped, count, deviation, grad_norm, weights_ok = \
+            torch.cat([sums, finite_weights.float().reshape(1).to(sums.device)]).tolist()
+        self.global_step += 1
+        grad_skipped = self.scaler.is_enabled() and not math.isfinite(grad_norm)  # fp16: the scaler skips the step
+        if not (math.isfinite(loss_sum) and (math.isfinite(grad_norm) or grad_skipped) and weights_ok):
+            what = "loss" if not math.isfinite(loss_sum) else "gradient norm" if weights_ok else "weights"
+            raise RunStopped(f"diverged: the {what} became non-finite at epoch {epoch}, step {self.global_step} "
+                             f"(loss {loss_sum / count}, gradient norm {grad_norm}); nothing of it was saved. "
+                             "Lower --learning-rate, or check --guidance-scale and the reward")
+        if self.ratio_dev_onpolicy is None:
+            self.ratio_dev_onpolicy = deviation
+        metrics = {"train/loss": loss_sum / count, "train/approx_kl": kl_sum / count, "train/clipfrac": clipped / count,
+                   "train/ratio_dev_max": deviation, "train/grad_norm": None if grad_skipped else grad_norm,
+                   "train/lr": self.optimizer.param_groups[0]["lr"]}
+        self.step_sums.append(metrics)
+        self.metrics.write({"epoch": epoch, "step": self.global_step, **metrics})
+
+    def end_epoch(self, epoch, rewards, infos):
+        args, t = self.args, self.times
+        t_end = time.perf_counter()
+        record = {"epoch": epoch, "step": self.global_step,
+                  "reward/mean": rewards.mean().item(), "reward/std": rewards.std(unbiased=False).item(),
+                  "reward/min": rewards.min().item(), "reward/max": rewards.max().item(),
+                  "train/ratio_dev_onpolicy": self.ratio_dev_onpolicy,
+                  **{f"reward_info/{k}": float(np.mean(v)) for k, v in infos.items()
+                     if all(isinstance(x, (int, float)) for x in v)},  # strings go to images/*.json
+                  **{f"{k}_epoch_mean": mean_of_numbers([m[k] for m in self.step_sums]) for k in
+                     ("train/loss", "train/approx_kl", "train/clipfrac", "train/grad_norm")},
+                  "time/epoch_s": t_end - t["start"], "time/sample_s": t["sampled"] - t["start"],
+                  "time/reward_wait_s": t["rewarded"] - t["sampled"], "time/train_s": t_end - t["rewarded"],
+                  "time/model_s": self.timer.total(), "samples_per_s": len(rewards) / (t_end - t["start"])}
+        self.metrics.write(record)
+        self.log(f"epoch {epoch:4d} | reward {record['reward/mean']:+.4f} ± {record['reward/std']:.4f} | "
+                 f"kl {record['train/approx_kl_epoch_mean']:.2e} | clipfrac {record['train/clipfrac_epoch_mean']:.3f}"
+                 f" | ratio-1 on-policy {self.ratio_dev_onpolicy:.1e} | {record['time/epoch_s']:.1f}s")
+        if self.ratio_dev_onpolicy > 0.1 * args.clip_range and not self.warned_ratio:
+            self.warned_ratio = True
+            self.log(f"warning: on-policy |ratio - 1| = {self.ratio_dev_onpolicy:.2e} exceeds 0.1 x --clip-range "
+                     f"{args.clip_range:g}: numerical noise, not learning, is moving the clipped objective. Use "
+                     "--exact-ratio on (re-scores the samples with the training forward)")
+        if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs:
+            self.save(epoch + 1, all_gather_objects(rng_state(self.np_rng, self.sample_gen, self.train_gen)))
+
+    def save(self, next_epoch, rngs):
+        if self.is_main:  # the others go on; they wait for rank 0 at the next epoch's gather
+            state = {"next_epoch": next_epoch, "global_step": self.global_step,
+                     "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                     "tracker": self.tracker.state_dict(), "rng": rngs}
+            save_checkpoint(self.run_dir, next_epoch, self.unet, state, self.args, self.log)
+        self.saved_epoch = next_epoch
+
+    @contextlib.contextmanager
+    def stop_guard(self):
+        """Whatever stops the run (a reward, divergence, the disk, Ctrl-C, SIGTERM) ends it with one line and
+        a non-zero exit. If the weights have not changed this epoch, its starting state is saved first, so no
+        finished epoch is lost."""
+        previous = signal.signal(signal.SIGTERM, raise_interrupt) if threading.current_thread() is \
+            threading.main_thread() else None
+        code = 0
+        try:
+            yield
+        except (RunStopped, KeyboardInterrupt) as e:
+            reason = str(e) if isinstance(e, RunStopped) else f"interrupted ({str(e) or 'SIGINT'})"
+            code = 1 if isinstance(e, RunStopped) else 143 if str(e) == "SIGTERM" else 130
+            if self.epoch is not None and not self.in_training and self.epoch > self.saved_epoch:
+                try:
+                    self.save(self.epoch, self.epoch_start_rngs)
+                except RunStopped as save_error:
+                    reason += f"; {save_error}"
+            latest = list_checkpoints(self.run_dir)
+            where = f"latest checkpoint: {latest[-1]}" if latest else "no checkpoint was written"
+            self.reward_worker.close()
+            self.metrics.close()
+            if distributed():
+                torch.distributed.destroy_process_group()
+            message = f"ddpo.py: stopped at epoch {self.epoch}: {reason}. {where}"
+            if code == 1:
+                raise SystemExit(message) from None  # printed to stderr, exit status 1, like fail()
+            print(message, file=sys.stderr)
+            raise SystemExit(code) from None  # 128 + the signal's number, as a shell reports it
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        self.reward_worker.close()
+        self.metrics.close()
+        if distributed():
+            torch.distributed.destroy_process_group()
+
+
+def mean_of_numbers(values):
+    """The mean of the values that are numbers (None: a step the fp16 scaler skipped), or None."""
+    numbers = [v for v in values if v is not None]
+    return float(np.mean(numbers)) if numbers else None
+
+
+def raise_interrupt(signum, frame):
+    """SIGTERM (what `timeout`, `kill` and job schedulers send) stops the run like Ctrl-C."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def find_checkpoint(args, run_dir, log):
+    """(checkpoint, its trainer state) to resume from, or (None, None) for a fresh start. --resume auto takes
+    the latest checkpoint that reads back, skipping damaged ones with one line each."""
+    if args.resume is None:
+        if args.overwrite:
+            for name in ("metrics.jsonl", "config.json", "checkpoints", "images"):
+                path = run_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        return None, None
+    candidates = list_checkpoints(run_dir)[::-1] if args.resume == "auto" else [Path(args.resume)]
+    for checkpoint in candidates:
+        check_resumable(checkpoint, args)
+        try:
+            return checkpoint, read_checkpoint(checkpoint)[1]
+        except RunStopped as e:
+            if args.resume != "auto":
+                fail(str(e))
+            log(f"skipping {checkpoint}: {e}")
+    return None, None
+
+
+# ------------------------------------------------------------------------------------------------------
+# Rewards: scored in a worker thread while the next batch samples; every result checked.
+# ------------------------------------------------------------------------------------------------------
+class RewardWorker:
+    """One daemon thread that runs the reward on each batch in order; submit() returns a Future. A daemon
+    thread, so that Ctrl-C or SIGTERM during a reward that hangs ends the process at once. Its own CPU torch
+    ops run on one thread: a second OpenMP team competing for the same cores slows sampling (README)."""
+
+    def __init__(self, reward_fn, name):
+        import queue
+
+        self.reward_fn, self.name, self.jobs = reward_fn, name, queue.Queue()
+        threading.Thread(target=self._work, daemon=True, name="reward").start()
+
+    def _work(self):
+        torch.set_num_threads(1)
+        while (job := self.jobs.get()) is not None:
+            future, images, prompts = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(score_batch(self.reward_fn, images, prompts, self.name))
+                except BaseException as e:
+                    future.set_exception(e)
+
+    def submit(self, images, prompts) -> Future:
+        future = Future()
+        self.jobs.put((future, images, prompts))
+        return future
+
+    def close(self):
+        self.jobs.put(None)
+
+
+def score_batch(reward_fn, images, prompts, name):
+    """One batch through the reward: (scores float32 (B,), info), the contract checked for the scores and
+    for every extra (a list of B numbers or strings, numbers finite). Any failure becomes a RewardError
+    naming the reward, so the loop can keep its checkpoint."""
+    try:
+        result = reward_fn(images, prompts)
+    except rewards_lib.RewardError:
+        raise
+    except Exception as e:  # a bug in the reward: show where, then stop cleanly
+        traceback.print_exc()
+        raise rewards_lib.RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from None
+    scores, info = result if isinstance(result, tuple) and len(result) == 2 else (result, {})
+    scores = rewards_lib.check_scores(scores, prompts, name)
+    if not isinstance(info, dict):
+        raise rewards_lib.RewardError(f"reward {name!r}: info must be a dict, got {type(info).__name__}")
+    checked = {}
+    for key, values in info.items():
+        values = values.tolist() if isinstance(values, (torch.Tensor, np.ndarray)) else values
+        if not isinstance(values, (list, tuple)) or len(values) != len(prompts):
+            raise rewards_lib.RewardError(f"reward {name!r}: info[{key!r}] must be a list of {len(prompts)} "
+                                          f"entries (one per image), got {type(values).__name__}"
+                                          f"{f' of {len(values)}' if hasattr(values, '__len__') else ''}")
+        values = [v.item() if isinstance(v, (np.generic, np.ndarray, torch.Tensor)) and np.prod(v.shape) == 1 else v
+                  for v in values]
+        for i, v in enumerate(values):
+            if not isinstance(v, (bool, int, float, str)) or (isinstance(v, float) and not math.isfinite(v)):
+                raise rewards_lib.RewardError(f"reward {name!r}: info[{key!r}][{i}] is {str(v)[:60]!r} "
+                                              f"({type(v).__name__}); extras must be finite numbers or strings")
+        checked[key] = values
+    return scores, checked
+
+
+def build_reward(args, device):
+    """rewards.get_reward_fn with the model flags that were given; a clear error if a model is missing."""
+    options = {k: v for k, v in dict(clip_model=args.clip_model, head=args.aesthetic_head, vlm_model=args.vlm_model,
+                                     bertscore_model=args.bertscore_model,
+                                     bertscore_layer=args.bertscore_layer).items() if v is not None}
+    try:
+        return rewards_lib.get_reward_fn(args.reward, device=device, **options)
+    except rewards_lib.RewardError as e:
+        fail(str(e))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Several processes (torchrun): detected from the environment. Each process samples and trains on its own
+# trajectories; rewards are gathered so that advantages come from the global epoch batch; gradients are
+# averaged once per optimizer step; rank 0 alone writes. Without torchrun all of this is a no-op.
+# ------------------------------------------------------------------------------------------------------
+def distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def init_distributed(device_arg):
+    """(rank, world_size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; NCCL on GPUs, gloo on CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, None
+    use_cuda = torch.cuda.is_available() and device_arg in ("auto", "cuda")
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not distributed():
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def all_gather_objects(obj):
+    """[obj of rank 0, ..., obj of the last rank] on every rank; [obj] in a single process."""
+    if not distributed():
+        return [obj]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+def average_gradients(params):
+    """Mean gradient over all processes, once per optimizer step (after all accumulation micro-steps)."""
+    if not distributed():
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    handles = [torch.distributed.all_reduce(p.grad, async_op=True) for p in params]  # in flight together
+    for handle in handles:
+        handle.wait()
+    for p in params:
+        p.grad /= torch.distributed.get_world_size()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Checkpoints: written to a temporary directory and renamed, so a crash mid-write never costs the
+# previous one. A checkpoint named epoch_K resumes at epoch K with the exact state of a run that got there
+# without stopping (weights, optimizer, stat tracker, every RNG).
+# ------------------------------------------------------------------------------------------------------
+RESUME_KEYS = ("model", "lora_rank", "resolution", "num_steps", "sample_batch_size", "sample_num_batches",
+               "train_batch_size", "gradient_accumulation_steps", "stat_buffer_size", "stat_min_count",
+               "seed")  # change these and the saved state means something else
+
+
+def trainable_state(unet):
+    return {n: p.detach().cpu().clone() for n, p in unet.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(run_dir, next_epoch, unet, state, args, log=print):
+    from diffusers import StableDiffusionPipeline
+
+    root = Path(run_dir) / "checkpoints"
+    final, tmp = root / f"epoch_{next_epoch:04d}", root / f"epoch_{next_epoch:04d}.tmp"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if args.lora_rank > 0:  # diffusers' LoRA format: pipeline.load_lora_weights(dir) loads it
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora, safe_serialization=True)
+            state = {**state, "trainable": trainable_state(unet)}
+        else:
+            unet.save_pretrained(tmp / "unet")
+        torch.save(state, tmp / "trainer_state.pt")
+        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except OSError as e:  # disk full, quota, permissions: say so, keep the previous checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunStopped(f"could not write checkpoint {final} ({e.strerror or e})") from None
+    for old in list_checkpoints(run_dir)[:-args.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    log(f"saved checkpoint {final}")
+
+
+def list_checkpoints(run_dir):
+    """Complete checkpoints of a run, oldest first, by epoch number (epoch_10000 after epoch_9999)."""
+    root = Path(run_dir) / "checkpoints"
+    done = [p for p in root.glob("epoch_*") if re.fullmatch(r"epoch_\d+", p.name) and (p / "trainer_state.pt").exists()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def check_resumable(checkpoint, args):
+    try:
+        saved = json.loads((Path(checkpoint) / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        fail(f"cannot resume from {checkpoint}: its config.json does not read ({e})")
+    changed = [f"{k} {saved.get(k)!r} -> {getattr(args, k)!r}" for k in RESUME_KEYS if saved.get(k) != getattr(args, k)]
+    if changed:
+        fail(f"cannot resume from {checkpoint}: the run changed {'; '.join(changed)}. Resume with the "
+             "original settings or start a new --run-dir")
+
+
+def read_checkpoint(checkpoint):
+    """(checkpoint, trainer state) or RunStopped if the state file is damaged."""
+    try:
+        state = torch.load(Path(checkpoint) / "trainer_state.pt", map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or "next_epoch" not in state:
+            raise ValueError("not a ddpo.py trainer state")
+    except Exception as e:
+        raise RunStopped(f"checkpoint {checkpoint} is damaged: trainer_state.pt does not load "
+                         f"({rewards_lib.first_line(e)})") from None
+    return checkpoint, state
+
+
+def load_trainable_weights(checkpoint, unet, args, state):
+    if args.lora_rank > 0:
+        weights = state.pop("trainable")
+    else:
+        from diffusers import UNet2DConditionModel
+
+        try:
+            weights = UNet2DConditionModel.from_pretrained(Path(checkpoint) / "unet").state_dict()
+        except Exception as e:
+            fail(f"checkpoint {checkpoint} is damaged: its unet/ does not load ({rewards_lib.first_line(e)})")
+    missing = set(trainable_state(unet)) - set(weights)
+    if missing:
+        fail(f"checkpoint {checkpoint} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if name in weights:
+                p.copy_(weights[name])
+
+
+def load_checkpoint(checkpoint, unet, args):
+    """Load a checkpoint's trainable weights into `unet` (set up by setup_trainable); returns its state."""
+    _, state = read_checkpoint(checkpoint)
+    load_trainable_weights(checkpoint, unet, args, state)
+    return state
+
+
+def rng_state(np_rng, sample_gen, train_gen):
+    return {"python": random.getstate(), "numpy": np_rng.bit_generator.state, "torch": torch.get_rng_state(),
+            "sample_gen": sample_gen.get_state(), "train_gen": train_gen.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state, np_rng, sample_gen, train_gen):
+    random.setstate(state["python"])
+    np_rng.bit_generator.state = state["numpy"]
+    torch.set_rng_state(state["torch"])
+    sample_gen.set_state(state["sample_gen"])
+    train_gen.set_state(state["train_gen"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------------
+# Logging: metrics.jsonl, image grids, time spent in model calls.
+# ------------------------------------------------------------------------------------------------------
+class MetricsFile:
+    """metrics.jsonl, one JSON object per line, appended and flushed line by line (rank 0 only). On resume
+    it keeps what the resumed state has seen and drops the epochs it will redo, and a damaged line (a run
+    killed mid-write) with a note. Values must be finite: the file stays valid JSON."""
+
+    def __init__(self, path, start_epoch, is_main, log):
+        self.file = None
+        if not is_main:
+            return
+        if path.exists():
+            keep, damaged = [], 0
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["epoch"] < start_epoch:
+                        keep.append(line)
+                except (ValueError, KeyError, TypeError):
+                    damaged += 1
+            if damaged:
+                log(f"dropped {damaged} damaged line(s) of {path}")
+            path.write_text("".join(line + "\n" for line in keep))
+        self.file = open(path, "a")
+
+    def write(self, record):
+        if self.file:
+            self.file.write(json.dumps(record, allow_nan=False) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+            self.file = None
+
+
+def save_image_grid(path, images, prompts, scores, info=None, max_images=16, cols=4):
+    """A PNG grid: each image (upscaled to at least 128 px) over its prompt, reward and first text info
+    (e.g. the LLaVA answer); beside it a .json with every image's prompt, reward and info in full."""
+    from PIL import Image, ImageDraw
+
+    info = info or {}
+    images = rewards_lib.to_uint8_hwc(images[:max_images])
+    texts = [k for k, v in info.items() if v and isinstance(v[0], str)]
+    side, caption = max(128, images.shape[1]), 24 + 11 * bool(texts)
+    cols = min(cols, len(images))
+    rows = math.ceil(len(images) / cols)
+    grid = Image.new("RGB", (cols * side, rows * (side + caption)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (array, prompt, score) in enumerate(zip(images, prompts, scores)):
+        x, y = (i % cols) * side, (i // cols) * (side + caption)
+        grid.paste(Image.fromarray(array).resize((side, side), Image.NEAREST), (x, y))
+        draw.text((x + 2, y + side + 1), prompt[: side // 6], fill="black")
+        draw.text((x + 2, y + side + 12), f"r = {float(score):.4g}", fill="black")
+        if texts:
+            draw.text((x + 2, y + side + 23), str(info[texts[0]][i])[: side // 6], fill="gray")
+    grid.save(path)
+    rows = [{"prompt": p, "reward": float(r), **{k: v[i] for k, v in info.items()}}
+            for i, (p, r) in enumerate(zip(prompts, scores))]
+    Path(path).with_suffix(".json").write_text(json.dumps(rows, indent=1))
+
+
+class ModelTimer:
+    """Seconds inside model calls (sampling's UNet, VAE and text-encoder calls; training's whole optimizer
+    steps, UNet forward and backward included): `with timer(): ...`.
+    On CUDA it records events instead of synchronising (no host sync in the loops) and adds them up in
+    total(), once per epoch; on the CPU it reads the clock."""
+
+    def __init__(self, device):
+        self.cuda, self.seconds, self.events = device.type == "cuda", 0.0, []
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.seconds += time.perf_counter() - t0
+
+    def total(self) -> float:
+        """Seconds since the last total() (and reset)."""
+        if self.events:
+            torch.cuda.synchronize()
+            self.seconds += sum(start.elapsed_time(end) for start, end in self.events) / 1000
+        seconds, self.seconds, self.events = self.seconds, 0.0, []
+        return seconds
+
+
+def warn_truncated_prompts(tokenizer, prompts, log):
+    """One line if some prompts are longer than the text encoder reads (they would be cut silently)."""
+    lengths = [len(ids) for ids in tokenizer(list(prompts), truncation=False).input_ids]
+    long = [p for p, n in zip(prompts, lengths) if n > tokenizer.model_max_length]
+    if long:
+        log(f"warning: {len(long)} of {len(prompts)} prompts are longer than the text encoder's "
+            f"{tokenizer.model_max_length} tokens and are cut, e.g. {long[0][:80]!r}")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Models.
+# ------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet_loading():
+    """No progress bars while models load, and none of transformers' import-time warnings about image
+    processors falling back from torchvision (diffusers imports them; the pipeline never uses them)."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar(), transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(level)
+        diffusers_logging.enable_progress_bar(), transformers_logging.enable_progress_bar()
+
+
+def load_pipeline(args, device, dtype, log=print):
+    """The pipeline from a hub id, a local path, or 'tiny'; its scheduler swapped for DDIM."""
+    with quiet_loading():
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    path = tiny_pretrained_path(seed=0, log=log) if args.model == "tiny" else args.model
+    try:
+        with quiet_loading():
+            pipe = rewards_lib.from_hub_or_cache(lambda **k: StableDiffusionPipeline.from_pretrained(
+                path, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **k),
+                path)
+    except Exception as e:  # hub unreachable, missing files, not a diffusers SD checkpoint
+        if args.model == "tiny":
+            fail(f"the cached tiny pipeline {path} does not load ({rewards_lib.first_line(e)}): delete that "
+                 "directory and it is rebuilt on the next run")
+        fail(f"could not load --model {args.model!r} ({rewards_lib.first_line(e)}). Without network access a hub "
+             "id cannot be downloaded: pass a local diffusers directory, or --model tiny for the offline pipeline")
+    config = dict(pipe.scheduler.config)
+    # DDIMScheduler's own defaults clip x0 to [-1, 1] and set alpha_prev = 1 at the last step; SD was
+    # trained without either, and a config that lacks the keys would silently get them.
+    config.setdefault("clip_sample", False)
+    config.setdefault("set_alpha_to_one", False)
+    pipe.scheduler = DDIMScheduler.from_config(config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@contextlib.contextmanager
+def on_device(module, device):
+    """The module on `device` for the duration of the block, back on the CPU after (--offload-frozen)."""
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to("cpu")
+
+
+def select_unet_kernels(unet, device):
+    """The same math, faster kernels. NHWC activations: cuDNN's tensor-core convolutions on GPUs, and
+    oneDNN's convolutions on CPUs. On CPUs also diffusers' plain bmm attention: PyTorch's CPU
+    flash-attention kernel is slow at small head sizes (the README has the measurements)."""
+    unet.to(memory_format=torch.channels_last)
+    if device.type == "cpu":
+        from diffusers.models.attention_processor import AttnProcessor
+
+        unet.set_attn_processor(AttnProcessor())
+
+
+def setup_trainable(unet, args):
+    """LoRA adapters (peft) on the attention projections, or the whole UNet; trainable params in fp32."""
+    unet.requires_grad_(False)
+    if args.lora_rank > 0:
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    else:
+        unet.requires_grad_(True)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()  # active only in train() mode, i.e. not while sampling
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    if args.compile:  # in place: the module and its state-dict keys stay the same, so checkpoints do too
+        unet.compile()
+    return params
+
+
+def precision(args, device):
+    """The one dtype switch: (dtype of frozen weights, autocast context factory). Trainable weights and
+    trajectories stay float32 whatever this is."""
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    if dtype == torch.float32:
+        return dtype, contextlib.nullcontext
+    return dtype, lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def vae_factor(pipe):
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def latent_shape_of(pipe, resolution=None):
+    """(C, h, w) of the latents of `resolution`-pixel images (default: the model's own resolution)."""
+    factor = vae_factor(pipe)
+    resolution = resolution or pipe.unet.config.sample_size * factor
+    if resolution % factor:
+        fail(f"--resolution {resolution} must be a multiple of the VAE's downsampling factor {factor}")
+    return pipe.unet.config.in_channels, resolution // factor, resolution // factor
+
+
+# ------------------------------------------------------------------------------------------------------
+# python ddpo.py sample --checkpoint DIR
+# ------------------------------------------------------------------------------------------------------
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def sample_main(argv):
+    """python ddpo.py sample --checkpoint DIR: the base model's images (top row) next to the checkpoint's
+    (bottom row), from the same prompts and the same noise, with their rewards under the run's reward."""
+    parser = argparse.ArgumentParser(prog="ddpo.py sample", description=sample_main.__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory of a run")
+    parser.add_argument("--prompts", default=None, help="prompt set or file (default: the run's)")
+    parser.add_argument("--num-images", type=int, default=8, help="images per row")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and the noise")
+    parser.add_argument("--out", default=None, help="PNG path (default: <checkpoint>/samples.png)")
+    cli = parser.parse_args(argv)
+    checkpoint = Path(cli.checkpoint)
+    if not (checkpoint / "config.json").is_file() or not (checkpoint / "trainer_state.pt").is_file():
+        fail(f"--checkpoint {cli.checkpoint!r} is not a checkpoint directory of a ddpo.py run")
+    if cli.num_images < 1:
+        fail(f"--num-images must be >= 1 (got {cli.num_images})")
+    if not 0 <= cli.seed < 2**31:
+        fail(f"--seed must be in [0, 2^31) (got {cli.seed})")
+    out = Path(cli.out or checkpoint / "samples.png")
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        fail(f"--out {str(out)!r} must end in one of {', '.join(IMAGE_SUFFIXES)}")
+    fields = {f.name for f in dataclasses.fields(Args)}
+    args = Args(**{k: v for k, v in json.loads((checkpoint / "config.json").read_text()).items() if k in fields})
+    args = dataclasses.replace(args, prompts=cli.prompts or args.prompts, sample_batch_size=cli.num_images,
+                               compile=False, gradient_checkpointing=False)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype, autocast = precision(args, device)
+    prompts_all = load_prompts(args.prompts)
+    prompts = [prompts_all[i] for i in np.random.default_rng(cli.seed).integers(len(prompts_all), size=cli.num_images)]
+    reward_fn = build_reward(args, device)
+    pipe = load_pipeline(args, device, dtype)
+    pipe.scheduler.set_timesteps(args.num_steps, device=device)
+    latent_shape = latent_shape_of(pipe, args.resolution)
+    embeds, uncond = encode_prompts(pipe, prompts), encode_prompts(pipe, [""]).expand(len(prompts), -1, -1)
+
+    def render():  # the same noise for both rows
+        latents, _ = sample_trajectories(pipe.unet, pipe.scheduler, embeds, uncond, latent_shape, args.guidance_scale,
+                                         args.eta, torch.Generator(device).manual_seed(cli.seed), autocast)
+        images = decode_images(pipe.vae, latents[:, -1], autocast)
+        return images, score_batch(reward_fn, images, prompts, args.reward)[0]
+
+    base_images, base_scores = render()
+    setup_trainable(pipe.unet, args)
+    try:
+        load_checkpoint(checkpoint, pipe.unet, args)
+    except RunStopped as e:
+        fail(str(e))
+    tuned_images, tuned_scores = render()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image_grid(out, torch.cat([base_images, tuned_images]), [f"base: {p}" for p in prompts] +
+                    [f"tuned: {p}" for p in prompts], torch.cat([base_scores, tuned_scores]).tolist(),
+                    max_images=2 * len(prompts), cols=len(prompts))
+    print(f"wrote {out}: reward {base_scores.mean():+.4f} (base) -> {tuned_scores.mean():+.4f} (checkpoint)")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# The tiny offline test bed: a small SD-shaped model (UNet2DConditionModel, AutoencoderKL, CLIP text
 # encoder, byte-level CLIP tokenizer) built from configs. Random weights are a poor RL test bed (any
 # update saturates the images), so --model tiny pretrains it in code on synthetic captioned images of
-# coloured shapes, about 140 s on 2 CPU cores, once; the result is cached (DDPO_CACHE, default
+# coloured shapes, a few minutes on 2 CPU cores, once; the result is cached (DDPO_CACHE, default
 # ~/.cache/ddpo) as an ordinary diffusers pipeline directory.
 # ------------------------------------------------------------------------------------------------------
 TINY_VERSION = "tiny-v2"  # bump when the tiny model or its pretraining changes, so caches are rebuilt
@@ -394,11 +1527,6 @@ COLORS = {"red": (0.9, 0.15, 0.1), "green": (0.1, 0.75, 0.2), "blue": (0.15, 0.2
           "white": (0.95, 0.95, 0.95), "black": (0.08, 0.08, 0.08), "grey": (0.5, 0.5, 0.5)}
 SHAPES = ("circle", "square", "triangle", "ring")
 TEXTURES = ("plain", "striped", "speckled")
-PROMPT_SETS["tiny_shapes"] = [f"a {fg} {shape} on {bg}" for fg, shape, bg in
-                              [("red", "circle", "blue"), ("yellow", "square", "black"),
-                               ("green", "triangle", "white"), ("purple", "ring", "grey"),
-                               ("orange", "circle", "green"), ("blue", "square", "yellow"),
-                               ("white", "triangle", "purple"), ("black", "ring", "orange")]]
 
 
 def byte_level_clip_tokenizer(max_length=32):
@@ -502,7 +1630,7 @@ def pretrain_tiny_pipeline(pipe, seed=0, vae_steps=300, unet_steps=600, batch_si
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(seed)
-    vae, unet, text_encoder, scheduler = pipe.vae, pipe.unet, pipe.text_encoder, pipe.scheduler
+    vae, unet, scheduler = pipe.vae, pipe.unet, pipe.scheduler
     t0 = time.time()
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0)
     for step in range(vae_steps):
@@ -562,709 +1690,6 @@ def tiny_pretrained_path(seed=0, log=print) -> str:
         except OSError:  # another process finished first: theirs is as good as ours
             shutil.rmtree(tmp, ignore_errors=True)
     return str(cache)
-
-
-# ------------------------------------------------------------------------------------------------------
-# Sampling: trajectories with per-step log-probs. The UNet call is shared with training (noise_preds),
-# so that re-scoring a stored trajectory with the weights that sampled it gives ratio == 1 exactly.
-# ------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def encode_prompts(pipe, prompts):
-    """Text-encoder hidden states (B, L, D) for a list of prompts, padded to the tokenizer's max length."""
-    tokens = pipe.tokenizer(list(prompts), padding="max_length", truncation=True,
-                            max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
-    return pipe.text_encoder(tokens.input_ids.to(pipe.text_encoder.device))[0]
-
-
-def noise_preds(unet, latents, timesteps, cond_embeds, uncond_embeds, guidance_scale):
-    """(eps_cond, eps_uncond) from ONE batched UNet call on [uncond; cond]; eps_uncond is None without CFG
-    (guidance_scale <= 1). latents (B, C, h, w) float32, timesteps scalar or (B,), embeds (B, L, D).
-    Outputs stay in the model dtype. Sampling and training both call this, under the same autocast."""
-    t = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
-    if guidance_scale <= 1:
-        return unet(latents, t, cond_embeds).sample, None
-    eps = unet(torch.cat([latents, latents]), torch.cat([t, t]), torch.cat([uncond_embeds, cond_embeds])).sample
-    eps_uncond, eps_cond = eps.chunk(2)
-    return eps_cond, eps_uncond
-
-
-def guide(eps_cond, eps_uncond, guidance_scale):
-    """Classifier-free guidance in float32: eps_u + w * (eps_c - eps_u)."""
-    if eps_uncond is None:
-        return eps_cond.float()
-    return eps_uncond.float() + guidance_scale * (eps_cond.float() - eps_uncond.float())
-
-
-@torch.no_grad()
-def sample_trajectories(unet, scheduler, cond_embeds, uncond_embeds, latent_shape, args, generator, autocast,
-                        timer=contextlib.nullcontext):
-    """DDIM trajectories with log-probs, all stored in float32 whatever the model dtype (the ratio must be
-    exactly 1 on-policy; fp16 latents would move it by ~1e-4, the size of the clip range). No host sync
-    inside the loop. Returns latents (B, T+1, C, h, w) = x_T .. x_0 and log_probs (B, T) of each step."""
-    B = cond_embeds.shape[0]
-    x = torch.randn((B, *latent_shape), generator=generator, device=cond_embeds.device) * scheduler.init_noise_sigma
-    trajectory, log_probs = [x], []
-    for t in scheduler.timesteps:
-        with timer(), autocast():
-            eps_cond, eps_uncond = noise_preds(unet, x, t, cond_embeds, uncond_embeds, args.guidance_scale)
-        x, log_prob = ddim_step_with_logprob(scheduler, guide(eps_cond, eps_uncond, args.guidance_scale), t, x,
-                                             eta=args.eta, generator=generator)
-        trajectory.append(x)
-        log_probs.append(log_prob)
-    return torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1)
-
-
-@torch.no_grad()
-def decode_images(vae, latents, autocast):
-    """VAE latents (B, C, h, w) -> images (B, 3, H, W) float32 in [0, 1]."""
-    with autocast():
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    return (images.float() / 2 + 0.5).clamp(0, 1)
-
-
-# ------------------------------------------------------------------------------------------------------
-# Training on one epoch's samples (ddpo-notes §5.4).
-# ------------------------------------------------------------------------------------------------------
-def train_on_samples(unet, scheduler, samples, uncond_embeds, optimizer, params, scaler, args, generator,
-                     autocast, on_step, fused=False, progress=lambda steps: steps, timer=contextlib.nullcontext):
-    """Inner epochs over `samples` (dict of (N, ...) tensors): shuffle samples, shuffle time per sample,
-    keep the first floor(T * timestep_fraction) time slots, and recompute log p of each kept (sample, slot)
-    pair with the current UNet. One optimizer step covers train_batch_size * gradient_accumulation_steps
-    samples: its P pairs are packed into UNet calls of `train_micro_batch` pairs (any pairs can share a
-    call: per-sample timesteps), each backpropagating its summed loss / P, so the step sees exactly the mean
-    loss over its P pairs, as the one-timestep-at-a-time order does (the order this reproduces when
-    train_micro_batch = train_batch_size). Then one clipped AdamW step, reported through on_step(metrics).
-    fused=True computes log p with the Triton kernels of kernels.py instead of ddim_step_with_logprob;
-    progress wraps the loop over optimizer steps (e.g. tqdm); timer() wraps model calls (time/model_s).
-    Returns the max |ratio - 1| before the first optimizer step (0 up to round-off when the forward paths
-    of sampling and training agree)."""
-    N, T = samples["timesteps"].shape
-    device = samples["latents"].device
-    T_train = max(1, int(T * args.timestep_fraction))
-    B, G = args.train_batch_size, args.gradient_accumulation_steps
-    micro = args.train_micro_batch or B
-    ratio_dev_onpolicy = None
-    stats = torch.zeros(4, device=device)  # sums over pairs: loss, approx_kl, clipped, count
-    ratio_dev = torch.zeros((), device=device)  # max |ratio - 1| since the last optimizer step
-    # The pairs of one optimizer step, in the one-timestep-at-a-time order: for each of its G train
-    # batches, for each kept slot j, the batch's B samples. (P,) sample offsets and (P,) slots, P = G*T_train*B.
-    offsets = torch.arange(G * B, device=device).view(G, 1, B).expand(G, T_train, B).reshape(-1)
-    slots = torch.arange(T_train, device=device).view(1, T_train, 1).expand(G, T_train, B).reshape(-1)
-    P = len(offsets)
-    for _ in range(args.num_inner_epochs):
-        perm = torch.randperm(N, generator=generator).to(device)
-        shuffled = {k: v[perm] for k, v in samples.items()}
-        time_perm = torch.stack([torch.randperm(T, generator=generator) for _ in range(N)]).to(device)  # (N, T)
-        rows = torch.arange(N, device=device)[:, None]
-        for key in ("timesteps", "latents", "next_latents", "log_probs"):
-            shuffled[key] = shuffled[key][rows, time_perm]
-        for first in progress(range(0, N, G * B)):
-            for start in range(0, P, micro):
-                i, j = first + offsets[start:start + micro], slots[start:start + micro]  # (m,) pairs
-                x_t, t, x_prev = shuffled["latents"][i, j], shuffled["timesteps"][i, j], shuffled["next_latents"][i, j]
-                old_log_prob, embeds = shuffled["log_probs"][i, j], shuffled["embeds"][i]
-                with timer(), autocast():
-                    eps_cond, eps_uncond = noise_preds(unet, x_t, t, embeds, uncond_embeds.expand(len(i), -1, -1),
-                                                       args.guidance_scale)
-                if fused:  # kernels.py: guidance, DDIM mean and log-prob in one Triton kernel each way
-                    log_prob, _ = kernels.ddim_logprob_ratio(scheduler, eps_cond, eps_uncond, args.guidance_scale, t,
-                                                             x_t, x_prev, old_log_prob, eta=args.eta)
-                else:
-                    _, log_prob = ddim_step_with_logprob(scheduler, guide(eps_cond, eps_uncond, args.guidance_scale),
-                                                         t, x_t, eta=args.eta, prev_sample=x_prev)
-                loss, ratio = ddpo_loss(log_prob, old_log_prob, shuffled["advantages"][i], args.clip_range,
-                                        args.adv_clip_max)
-                with timer():  # the backward pass is the UNet's too
-                    scaler.scale(loss * (len(i) / P)).backward()
-                with torch.no_grad():
-                    stats += torch.stack([loss * len(i), 0.5 * ((log_prob - old_log_prob) ** 2).sum(),
-                                          ((ratio - 1).abs() > args.clip_range).float().sum(),
-                                          torch.tensor(float(len(i)), device=device)])
-                    ratio_dev = torch.maximum(ratio_dev, (ratio - 1).abs().max())
-            average_gradients(params)  # torchrun: the mean over processes, identical on every rank
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if distributed():  # the step's metrics over every process's pairs
-                torch.distributed.all_reduce(stats)
-                torch.distributed.all_reduce(ratio_dev, op=torch.distributed.ReduceOp.MAX)
-            loss_sum, kl_sum, clip_sum, count, dev, norm = torch.cat(
-                [stats, ratio_dev[None], grad_norm.float().reshape(1).to(device)]).tolist()  # one host sync
-            if ratio_dev_onpolicy is None:
-                ratio_dev_onpolicy = dev
-            on_step({"train/loss": loss_sum / count, "train/approx_kl": kl_sum / count,
-                     "train/clipfrac": clip_sum / count, "train/ratio_dev_max": dev, "train/grad_norm": norm,
-                     "train/lr": optimizer.param_groups[0]["lr"]})
-            stats.zero_()
-            ratio_dev.zero_()
-    return ratio_dev_onpolicy
-
-
-# ------------------------------------------------------------------------------------------------------
-# Several processes (torchrun): detected from the environment. Each process samples and trains on its own
-# trajectories; rewards are gathered so that advantages come from the global epoch batch; gradients are
-# averaged once per optimizer step; rank 0 alone writes. Without torchrun all of this is a no-op.
-# ------------------------------------------------------------------------------------------------------
-def distributed():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def init_distributed(device_arg):
-    """(rank, world_size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; NCCL on GPUs, gloo on CPU."""
-    if "RANK" not in os.environ:
-        return 0, 1, None
-    use_cuda = torch.cuda.is_available() and device_arg in ("auto", "cuda")
-    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}") if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if not distributed():
-        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
-
-
-def all_gather_objects(obj):
-    """[obj of rank 0, ..., obj of the last rank] on every rank; [obj] in a single process."""
-    if not distributed():
-        return [obj]
-    gathered = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, obj)
-    return gathered
-
-
-def average_gradients(params):
-    """Mean gradient over all processes, once per optimizer step (after all accumulation micro-steps)."""
-    if not distributed():
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    handles = [torch.distributed.all_reduce(p.grad, async_op=True) for p in params]  # in flight together
-    for handle in handles:
-        handle.wait()
-    for p in params:
-        p.grad /= torch.distributed.get_world_size()
-
-
-# ------------------------------------------------------------------------------------------------------
-# Checkpoints: written to a temporary directory and renamed, so a crash mid-write never costs the
-# previous one. A checkpoint named epoch_K resumes at epoch K with the exact state of a run that got there
-# without stopping (weights, optimizer, stat tracker, every RNG).
-# ------------------------------------------------------------------------------------------------------
-RESUME_KEYS = ("model", "lora_rank", "resolution", "num_steps", "sample_batch_size", "sample_num_batches",
-               "train_batch_size", "gradient_accumulation_steps")  # change these and the state means something else
-
-
-def trainable_state(unet):
-    return {n: p.detach().cpu().clone() for n, p in unet.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(run_dir, next_epoch, unet, state, args, log=print):
-    from diffusers import StableDiffusionPipeline
-
-    root = Path(run_dir) / "checkpoints"
-    final, tmp = root / f"epoch_{next_epoch:04d}", root / f"epoch_{next_epoch:04d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if args.lora_rank > 0:  # diffusers' LoRA format: pipeline.load_lora_weights(dir) loads it
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora, safe_serialization=True)
-        state = {**state, "trainable": trainable_state(unet)}
-    else:
-        unet.save_pretrained(tmp / "unet")
-    torch.save(state, tmp / "trainer_state.pt")
-    (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in list_checkpoints(run_dir)[:-args.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
-    log(f"saved checkpoint {final}")
-
-
-def list_checkpoints(run_dir):
-    root = Path(run_dir) / "checkpoints"
-    done = [p for p in root.glob("epoch_*") if p.suffix != ".tmp" and (p / "trainer_state.pt").exists()]
-    return sorted(done)
-
-
-def check_resumable(checkpoint, args):
-    saved = json.loads((Path(checkpoint) / "config.json").read_text())
-    changed = [f"{k} {saved[k]!r} -> {getattr(args, k)!r}" for k in RESUME_KEYS if saved.get(k) != getattr(args, k)]
-    if changed:
-        fail(f"cannot resume from {checkpoint}: the run changed {'; '.join(changed)}. Resume with the "
-             "original settings or start a new --run-dir")
-
-
-def load_checkpoint(checkpoint, unet, args):
-    state = torch.load(Path(checkpoint) / "trainer_state.pt", map_location="cpu", weights_only=False)
-    if args.lora_rank > 0:
-        weights = state.pop("trainable")
-    else:
-        from diffusers import UNet2DConditionModel
-
-        weights = UNet2DConditionModel.from_pretrained(Path(checkpoint) / "unet").state_dict()
-    missing = set(trainable_state(unet)) - set(weights)
-    if missing:
-        fail(f"checkpoint {checkpoint} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if name in weights:
-                p.copy_(weights[name])
-    return state
-
-
-def rng_state(np_rng, sample_gen, train_gen):
-    return {"python": random.getstate(), "numpy": np_rng.bit_generator.state, "torch": torch.get_rng_state(),
-            "sample_gen": sample_gen.get_state(), "train_gen": train_gen.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state, np_rng, sample_gen, train_gen):
-    random.setstate(state["python"])
-    np_rng.bit_generator.state = state["numpy"]
-    torch.set_rng_state(state["torch"])
-    sample_gen.set_state(state["sample_gen"])
-    train_gen.set_state(state["train_gen"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_image_grid(path, images, prompts, scores, info=None, max_images=16, cols=4):
-    """A PNG grid: each image (upscaled to at least 128 px) over its prompt, reward and first text info
-    (e.g. the LLaVA answer); beside it a .json with every image's prompt, reward and info in full."""
-    from PIL import Image, ImageDraw
-
-    info = info or {}
-    images = rewards_lib.to_uint8_hwc(images[:max_images])
-    texts = [k for k, v in info.items() if v and isinstance(v[0], str)]
-    side, caption = max(128, images.shape[1]), 24 + 11 * bool(texts)
-    cols = min(cols, len(images))
-    rows = math.ceil(len(images) / cols)
-    grid = Image.new("RGB", (cols * side, rows * (side + caption)), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, (array, prompt, score) in enumerate(zip(images, prompts, scores)):
-        x, y = (i % cols) * side, (i // cols) * (side + caption)
-        grid.paste(Image.fromarray(array).resize((side, side), Image.NEAREST), (x, y))
-        draw.text((x + 2, y + side + 1), prompt[: side // 6], fill="black")
-        draw.text((x + 2, y + side + 12), f"r = {float(score):.4g}", fill="black")
-        if texts:
-            draw.text((x + 2, y + side + 23), str(info[texts[0]][i])[: side // 6], fill="gray")
-    grid.save(path)
-    rows = [{"prompt": p, "reward": float(r), **{k: v[i] for k, v in info.items()}}
-            for i, (p, r) in enumerate(zip(prompts, scores))]
-    Path(path).with_suffix(".json").write_text(json.dumps(rows, indent=1))
-
-
-class ModelTimer:
-    """Seconds inside model calls (UNet forward and backward, VAE, text encoder): `with timer(): ...`.
-    On CUDA it records events instead of synchronising (no host sync in the loops) and adds them up in
-    total(), once per epoch; on the CPU it reads the clock."""
-
-    def __init__(self, device):
-        self.cuda, self.seconds, self.events = device.type == "cuda", 0.0, []
-
-    @contextlib.contextmanager
-    def __call__(self):
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self.events.append((start, end))
-        else:
-            t0 = time.perf_counter()
-            yield
-            self.seconds += time.perf_counter() - t0
-
-    def total(self) -> float:
-        """Seconds since the last total() (and reset)."""
-        if self.events:
-            torch.cuda.synchronize()
-            self.seconds += sum(start.elapsed_time(end) for start, end in self.events) / 1000
-        seconds, self.seconds, self.events = self.seconds, 0.0, []
-        return seconds
-
-
-def score_batch(reward_fn, images, prompts, name):
-    """One batch through the reward (in the worker thread): (scores float32 (B,), info), the contract
-    checked. Any failure becomes a RewardError naming the reward, so the loop can keep its checkpoint."""
-    try:
-        result = reward_fn(images, prompts)
-    except rewards_lib.RewardError:
-        raise
-    except Exception as e:  # a bug in the reward: show where, then stop cleanly
-        traceback.print_exc()
-        raise rewards_lib.RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from None
-    scores, info = result if isinstance(result, tuple) and len(result) == 2 else (result, {})
-    scores = rewards_lib.check_scores(scores, prompts, name)
-    for key, values in info.items():
-        if len(values) != len(prompts):
-            raise rewards_lib.RewardError(f"reward {name!r}: info[{key!r}] has {len(values)} entries, "
-                                          f"expected {len(prompts)} (one per image)")
-    return scores, {k: [v.item() if hasattr(v, "item") else v for v in values] for k, values in info.items()}
-
-
-# ------------------------------------------------------------------------------------------------------
-# Models.
-# ------------------------------------------------------------------------------------------------------
-def load_pipeline(args, device, dtype, log=print):
-    """The pipeline from a hub id, a local path, or 'tiny'; its scheduler swapped for DDIM."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    path = tiny_pretrained_path(seed=0, log=log) if args.model == "tiny" else args.model
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False)
-    except Exception as e:  # hub unreachable, missing files, not a diffusers SD checkpoint
-        fail(f"could not load --model {args.model!r} ({rewards_lib.first_line(e)}). Without network access a hub "
-             "id cannot be downloaded: pass a local diffusers directory, or --model tiny for the offline pipeline")
-    config = dict(pipe.scheduler.config)
-    # DDIMScheduler's own defaults clip x0 to [-1, 1] and set alpha_prev = 1 at the last step; SD was
-    # trained without either, and a config that lacks the keys would silently get them.
-    config.setdefault("clip_sample", False)
-    config.setdefault("set_alpha_to_one", False)
-    pipe.scheduler = DDIMScheduler.from_config(config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-@contextlib.contextmanager
-def on_device(module, device):
-    """The module on `device` for the duration of the block, back on the CPU after (--offload-frozen)."""
-    module.to(device)
-    try:
-        yield module
-    finally:
-        module.to("cpu")
-
-
-def use_fast_kernels(unet, device):
-    """The same math, faster kernels. NHWC activations: cuDNN's tensor-core convolutions on GPUs, and
-    oneDNN's convolutions on CPUs (measured here: 12% less time per tiny training call). On CPUs also
-    diffusers' plain bmm attention: PyTorch's CPU flash-attention kernel is slow at small head sizes (8 in
-    the tiny UNet: 40% of a training call), and bmm attention takes 14% less time overall."""
-    unet.to(memory_format=torch.channels_last)
-    if device.type == "cpu":
-        from diffusers.models.attention_processor import AttnProcessor
-
-        unet.set_attn_processor(AttnProcessor())
-
-
-def setup_trainable(unet, args):
-    """LoRA adapters (peft) on the attention projections, or the whole UNet; trainable params in fp32."""
-    unet.requires_grad_(False)
-    if args.lora_rank > 0:
-        from peft import LoraConfig
-
-        unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
-                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-    else:
-        unet.requires_grad_(True)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()  # active only in train() mode, i.e. not while sampling
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    if args.compile:  # in place: the module and its state-dict keys stay the same, so checkpoints do too
-        unet.compile()
-    return params
-
-
-# ------------------------------------------------------------------------------------------------------
-# The main loop (ddpo-notes §5): sample -> score (in a worker thread, overlapping the next batch) ->
-# advantages -> train.
-# ------------------------------------------------------------------------------------------------------
-def precision(args, device):
-    """The one dtype switch: (dtype of frozen weights, autocast context factory). Trainable weights and
-    trajectories stay float32 whatever this is."""
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-    if dtype == torch.float32:
-        return dtype, contextlib.nullcontext
-    return dtype, lambda: torch.autocast(device.type, dtype=dtype)
-
-
-def latent_shape_of(pipe, resolution):
-    """(C, h, w) of the latents of `resolution`-pixel images."""
-    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    if resolution % vae_factor:
-        fail(f"--resolution {resolution} must be a multiple of the VAE's downsampling factor {vae_factor}")
-    return pipe.unet.config.in_channels, resolution // vae_factor, resolution // vae_factor
-
-
-def build_reward(args, device):
-    """rewards.get_reward_fn with the model flags that were given; a clear error if a model is missing."""
-    options = {k: v for k, v in dict(clip_model=args.clip_model, head=args.aesthetic_head, vlm_model=args.vlm_model,
-                                     bertscore_model=args.bertscore_model,
-                                     bertscore_layer=args.bertscore_layer).items() if v is not None}
-    try:
-        return rewards_lib.get_reward_fn(args.reward, device=device, **options)
-    except rewards_lib.RewardError as e:
-        fail(str(e))
-
-
-def sample_main(argv):
-    """python ddpo.py sample --checkpoint DIR: the base model's images (top row) next to the checkpoint's
-    (bottom row), from the same prompts and the same noise, with their rewards under the run's reward."""
-    parser = argparse.ArgumentParser(prog="ddpo.py sample", description=sample_main.__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory of a run")
-    parser.add_argument("--prompts", default=None, help="prompt set or file (default: the run's)")
-    parser.add_argument("--num-images", type=int, default=8, help="images per row")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and the noise")
-    parser.add_argument("--out", default=None, help="PNG path (default: <checkpoint>/samples.png)")
-    cli = parser.parse_args(argv)
-    checkpoint = Path(cli.checkpoint)
-    if not (checkpoint / "config.json").is_file() or not (checkpoint / "trainer_state.pt").is_file():
-        fail(f"--checkpoint {cli.checkpoint!r} is not a checkpoint directory of a ddpo.py run")
-    fields = {f.name for f in dataclasses.fields(Args)}
-    args = Args(**{k: v for k, v in json.loads((checkpoint / "config.json").read_text()).items() if k in fields})
-    args = dataclasses.replace(args, prompts=cli.prompts or args.prompts, sample_batch_size=cli.num_images,
-                               compile=False, gradient_checkpointing=False)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype, autocast = precision(args, device)
-    prompts_all = load_prompts(args.prompts)
-    prompts = [prompts_all[i] for i in np.random.default_rng(cli.seed).integers(len(prompts_all), size=cli.num_images)]
-    reward_fn = build_reward(args, device)
-    pipe = load_pipeline(args, device, dtype)
-    pipe.scheduler.set_timesteps(args.num_steps, device=device)
-    latent_shape = latent_shape_of(pipe, args.resolution)
-    embeds, uncond = encode_prompts(pipe, prompts), encode_prompts(pipe, [""]).expand(len(prompts), -1, -1)
-
-    def render():  # the same noise for both rows
-        latents, _ = sample_trajectories(pipe.unet, pipe.scheduler, embeds, uncond, latent_shape, args,
-                                         torch.Generator(device).manual_seed(cli.seed), autocast)
-        images = decode_images(pipe.vae, latents[:, -1], autocast)
-        return images, score_batch(reward_fn, images, prompts, args.reward)[0]
-
-    base_images, base_scores = render()
-    setup_trainable(pipe.unet, args)
-    load_checkpoint(checkpoint, pipe.unet, args)
-    tuned_images, tuned_scores = render()
-    out = Path(cli.out or checkpoint / "samples.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_image_grid(out, torch.cat([base_images, tuned_images]), [f"base: {p}" for p in prompts] +
-                    [f"tuned: {p}" for p in prompts], torch.cat([base_scores, tuned_scores]).tolist(),
-                    max_images=2 * len(prompts), cols=len(prompts))
-    print(f"wrote {out}: reward {base_scores.mean():+.4f} (base) -> {tuned_scores.mean():+.4f} (checkpoint)")
-    return out
-
-
-def main(argv=None):
-    from tqdm.auto import tqdm
-
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["sample"]:
-        return sample_main(argv[1:])
-    args = parse_args(argv)
-    validate(args)
-    rank, world, device = init_distributed(args.device)  # (0, 1, None) without torchrun
-    is_main = rank == 0  # rank 0 alone prints and writes
-    log = print if is_main else (lambda *a, **k: None)
-    if device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
-            else torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {args.device}: CUDA is not available on this machine")
-    kernel_runs_here = device.type == "cuda" or kernels.triton_interpreter_on()
-    if args.fused_kernel == "on" and not kernel_runs_here:
-        fail("--fused-kernel on needs a CUDA device, or TRITON_INTERPRET=1 to run the kernels on the CPU")
-    fused = args.fused_kernel == "on" or (args.fused_kernel == "auto" and kernel_runs_here)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+: free speed, ample precision here
-        torch.backends.cudnn.allow_tf32 = True
-    reward_slug = re.sub(r"[^\w.-]+", "_", args.reward)  # "aesthetic=1,mod:fn" -> "aesthetic_1_mod_fn"
-    run_dir = Path(args.run_dir or f"runs/{reward_slug}-{time.strftime('%Y%m%d-%H%M%S')}")
-    checkpoint = None
-    if args.resume == "auto":  # the latest complete checkpoint of this run, if any
-        checkpoint = (list_checkpoints(run_dir) or [None])[-1]
-    elif args.resume is not None:
-        checkpoint = Path(args.resume)
-    run_dir, checkpoint = all_gather_objects((run_dir, checkpoint))[0]  # rank 0's, on every rank
-    if checkpoint is not None:
-        check_resumable(checkpoint, args)
-    prompts_all = load_prompts(args.prompts)
-    # Reward models load now, so that a missing one fails before the policy loads.
-    reward_fn = build_reward(args, device if args.reward_device == "auto" else torch.device(args.reward_device))
-    dtype, autocast = precision(args, device)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)  # the same on every rank: LoRA's random init must agree
-    rank_seed = args.seed + 1000 * rank  # each process its own prompts, noise and shuffles
-    np_rng = np.random.default_rng(rank_seed)  # prompts, control shuffles
-    sample_gen = torch.Generator(device).manual_seed(rank_seed)  # sampling noise
-    train_gen = torch.Generator().manual_seed(rank_seed + 1)  # training shuffles
-
-    if args.model == "tiny" and world > 1:  # one process pretrains (once, cached); the others wait
-        if is_main:
-            tiny_pretrained_path(seed=0, log=log)
-        torch.distributed.barrier()
-    pipe = load_pipeline(args, device, dtype, log)
-    frozen = lambda module: on_device(module, device) if args.offload_frozen else contextlib.nullcontext()
-    if args.offload_frozen:
-        pipe.vae.to("cpu"), pipe.text_encoder.to("cpu")
-    unet = pipe.unet
-    use_fast_kernels(unet, device)
-    params = setup_trainable(unet, args)  # fp32 trainable weights (LoRA or all), frozen ones in `dtype`
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
-    start_epoch, global_step = 0, 0
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, unet, args)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        tracker.load_state_dict(state["tracker"])
-        if len(state["rng"]) != world:
-            fail(f"cannot resume from {checkpoint}: it was written by {len(state['rng'])} process(es), this run "
-                 f"has {world}; the batch arithmetic and every process's random state depend on it")
-        set_rng_state(state["rng"][rank], np_rng, sample_gen, train_gen)
-        start_epoch, global_step = state["next_epoch"], state["global_step"]
-        log(f"resumed from {checkpoint} at epoch {start_epoch}, step {global_step}")
-
-    latent_shape = latent_shape_of(pipe, args.resolution)
-    pipe.scheduler.set_timesteps(args.num_steps, device=device)
-    with frozen(pipe.text_encoder):
-        uncond_embeds = encode_prompts(pipe, [""]).to(device)  # (1, L, D), the empty prompt of CFG
-
-    metrics_path = run_dir / "metrics.jsonl"
-    if is_main:
-        (run_dir / "images").mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps({**dataclasses.asdict(args), "world_size": world}, indent=2))
-        if metrics_path.exists():  # keep what the resumed state has seen; drop epochs it will redo
-            keep = [l for l in metrics_path.read_text().splitlines() if l and json.loads(l)["epoch"] < start_epoch]
-            metrics_path.write_text("".join(l + "\n" for l in keep))
-    metrics_file = open(metrics_path, "a") if is_main else None
-
-    def log_metrics(record):
-        if is_main:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-
-    def checkpoint_state(next_epoch, rngs):  # rngs: every process's RNG states, in rank order
-        return {"next_epoch": next_epoch, "global_step": global_step, "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "tracker": tracker.state_dict(), "rng": rngs}
-
-    timer = ModelTimer(device)
-    # Rewards of batch i are computed while batch i+1 samples. The worker's own CPU torch ops run on one
-    # thread: a second OpenMP team competing for the same cores made sampling 2.3x slower on 2 cores.
-    executor = ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(1,))
-    samples_per_epoch = args.sample_batch_size * args.sample_num_batches
-    log(f"ddpo: {args.model} | reward {args.reward} | {samples_per_epoch} samples/epoch x {world} process(es) | "
-        f"{args.num_epochs} epochs | LoRA rank {args.lora_rank} | {device} {args.mixed_precision} | {run_dir}")
-    epoch, rngs_at_epoch_start, saved_epoch, in_training = start_epoch, None, start_epoch, False
-    try:
-        for epoch in range(start_epoch, args.num_epochs):
-            rngs_at_epoch_start = all_gather_objects(rng_state(np_rng, sample_gen, train_gen))
-            in_training = False
-            t_epoch = time.perf_counter()
-            unet.eval()
-            batches, futures = [], []
-            for _ in tqdm(range(args.sample_num_batches), desc=f"epoch {epoch} sample", leave=False,
-                          disable=not is_main):
-                prompts = [prompts_all[i] for i in np_rng.integers(len(prompts_all), size=args.sample_batch_size)]
-                with timer(), frozen(pipe.text_encoder):
-                    embeds = encode_prompts(pipe, prompts).to(device)  # once per batch, reused by training
-                latents, log_probs = sample_trajectories(unet, pipe.scheduler, embeds, uncond_embeds.expand(
-                    len(prompts), -1, -1), latent_shape, args, sample_gen, autocast, timer)
-                with timer(), frozen(pipe.vae):
-                    images = decode_images(pipe.vae, latents[:, -1], autocast)
-                futures.append(executor.submit(score_batch, reward_fn, images, prompts, args.reward))
-                batches.append(dict(prompts=prompts, embeds=embeds, latents=latents, log_probs=log_probs,
-                                    images=images))
-            t_sampled = time.perf_counter()
-            scores, infos, error = [], {}, None
-            try:
-                for future in futures:
-                    score, info = future.result()
-                    scores.append(score)
-                    for k, v in info.items():
-                        infos.setdefault(k, []).extend(v)
-            except rewards_lib.RewardError as e:
-                error = str(e)
-            t_rewarded = time.perf_counter()
-            prompts = [p for b in batches for p in b["prompts"]]
-            # Every process's prompts and rewards (in rank order), so that the stat tracker sees the global
-            # epoch batch; a reward error anywhere stops every process (none is left waiting).
-            gathered = all_gather_objects({"prompts": prompts, "scores": None if error else torch.cat(scores).tolist(),
-                                           "infos": infos, "error": error})
-            errors = [g["error"] for g in gathered if g["error"]]
-            if errors:
-                raise rewards_lib.RewardError(errors[0])
-            all_prompts = [p for g in gathered for p in g["prompts"]]
-            rewards = torch.tensor([r for g in gathered for r in g["scores"]], dtype=torch.float32)
-            infos = {k: [x for g in gathered for x in g["infos"][k]] for k in infos}
-            if args.per_prompt_stat_tracking:
-                advantages = tracker.update(all_prompts, rewards.numpy())
-            else:
-                advantages = batch_advantages(rewards.numpy())
-            advantages = advantages[rank * len(prompts):(rank + 1) * len(prompts)]  # this process's samples
-            if args.shuffle_advantages:  # the control: same advantage values, no link to the samples
-                advantages = advantages[np_rng.permutation(len(advantages))]
-            trajectories = torch.cat([b["latents"] for b in batches])  # (N, T+1, C, h, w)
-            samples = {"embeds": torch.cat([b["embeds"] for b in batches]),
-                       "latents": trajectories[:, :-1], "next_latents": trajectories[:, 1:],
-                       "log_probs": torch.cat([b["log_probs"] for b in batches]),
-                       "timesteps": pipe.scheduler.timesteps.repeat(len(prompts), 1),
-                       "advantages": torch.as_tensor(advantages, dtype=torch.float32, device=device)}
-            if is_main and args.image_every and epoch % args.image_every == 0:
-                save_image_grid(run_dir / "images" / f"epoch_{epoch:04d}.png", batches[0]["images"],
-                                batches[0]["prompts"], scores[0].tolist(),
-                                {k: v[:len(batches[0]["prompts"])] for k, v in infos.items()})
-
-            unet.train()
-            in_training, step_metrics = True, []
-
-            def on_step(metrics):
-                nonlocal global_step
-                global_step += 1
-                step_metrics.append(metrics)
-                log_metrics({"epoch": epoch, "step": global_step, **metrics})
-
-            ratio_dev = train_on_samples(unet, pipe.scheduler, samples, uncond_embeds, optimizer, params, scaler,
-                                         args, train_gen, autocast, on_step, fused,
-                                         lambda it: tqdm(it, desc=f"epoch {epoch} train", leave=False,
-                                                         disable=not is_main), timer)
-            t_end = time.perf_counter()
-            record = {"epoch": epoch, "step": global_step,
-                      "reward/mean": rewards.mean().item(), "reward/std": rewards.std(unbiased=False).item(),
-                      "reward/min": rewards.min().item(), "reward/max": rewards.max().item(),
-                      "train/ratio_dev_onpolicy": ratio_dev,
-                      **{f"reward_info/{k}": float(np.mean(v)) for k, v in infos.items()
-                         if all(isinstance(x, (int, float)) for x in v)},  # strings go to images/*.json
-                      **{f"{k}_epoch_mean": float(np.mean([m[k] for m in step_metrics])) for k in
-                         ("train/loss", "train/approx_kl", "train/clipfrac", "train/grad_norm")},
-                      "time/epoch_s": t_end - t_epoch, "time/sample_s": t_sampled - t_epoch,
-                      "time/reward_wait_s": t_rewarded - t_sampled, "time/train_s": t_end - t_rewarded,
-                      "time/model_s": timer.total(),
-                      "samples_per_s": len(all_prompts) / (t_end - t_epoch)}
-            log_metrics(record)
-            log(f"epoch {epoch:4d} | reward {record['reward/mean']:+.4f} ± {record['reward/std']:.4f} | "
-                  f"kl {record['train/approx_kl_epoch_mean']:.2e} | clipfrac {record['train/clipfrac_epoch_mean']:.3f}"
-                  f" | ratio-1 on-policy {ratio_dev:.1e} | {record['time/epoch_s']:.1f}s")
-            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs:
-                rngs = all_gather_objects(rng_state(np_rng, sample_gen, train_gen))
-                if is_main:  # the others go on; they wait for rank 0 at the next epoch's gather
-                    save_checkpoint(run_dir, epoch + 1, unet, checkpoint_state(epoch + 1, rngs), args)
-                saved_epoch = epoch + 1
-    except (rewards_lib.RewardError, KeyboardInterrupt) as e:
-        # Weights change only in the training phase: if it has not started, the state is exactly that of
-        # the start of this epoch, so keep it rather than lose the epochs since the last checkpoint.
-        if is_main and rngs_at_epoch_start is not None and epoch > saved_epoch and not in_training:
-            save_checkpoint(run_dir, epoch, unet, checkpoint_state(epoch, rngs_at_epoch_start), args)
-        if isinstance(e, rewards_lib.RewardError):
-            fail(f"{e}. Stopped at epoch {epoch}; checkpoints are in {run_dir / 'checkpoints'}")
-        raise
-    finally:
-        executor.shutdown(wait=False, cancel_futures=True)
-        if metrics_file:
-            metrics_file.close()
-    if distributed():
-        torch.distributed.destroy_process_group()
-    return run_dir
 
 
 if __name__ == "__main__":

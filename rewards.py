@@ -16,13 +16,14 @@ Every reward has one contract:
     "my_module:my_fn"                           a user's own function under the same contract
     "aesthetic=1.0,jpeg_compressibility=0.05"   a weighted sum of any of the above
 Models load when the reward is built (once; nothing at import), on `device`, so a missing model fails before
-any sampling. Definitions follow the DDPO paper (Black et al. 2023) and ddpo-notes §7.
+any sampling. Definitions follow the DDPO paper (Black et al. 2023), §5.1 and its appendix.
 """
 
 import functools
 import importlib
 import inspect
 import io
+import math
 import os
 import sys
 from pathlib import Path
@@ -68,12 +69,44 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "")
 
 
+@functools.lru_cache(maxsize=1)
+def hub_unreachable() -> str:
+    """Why the model hub cannot be reached ('' if it may be): HF_HUB_OFFLINE, or its host does not resolve.
+    One DNS lookup, because offline a download retries for about a minute before it fails."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+        return ""
+    except OSError as e:
+        return f"no network: {host} does not resolve ({e.strerror or e})"
+
+
+def from_hub_or_cache(load, name):
+    """load(local_files_only=...) for a hub id: from the local cache if it is there, else downloaded, unless
+    the hub is unreachable (then at once, with the reason, instead of after a minute of retries)."""
+    if os.path.isdir(os.path.expanduser(name)):
+        return load(local_files_only=False)
+    try:
+        return load(local_files_only=True)
+    except Exception:
+        if hub_unreachable():
+            raise OSError(f"{hub_unreachable()}, and {name!r} is not in the local cache") from None
+    return load(local_files_only=False)
+
+
 def load_pretrained(cls, name_or_path, what, flag, **kwargs):
     """cls.from_pretrained with an error that says what failed and how to fix it offline."""
     if looks_like_path(name_or_path) and not os.path.isdir(os.path.expanduser(name_or_path)):
         raise RewardError(f"{flag} {name_or_path!r}: no such directory (the {what})")
     try:
-        return cls.from_pretrained(name_or_path, **kwargs)
+        return from_hub_or_cache(lambda **k: cls.from_pretrained(name_or_path, **k, **kwargs), name_or_path)
     except Exception as e:  # hub unreachable, missing files, wrong architecture
         raise RewardError(f"could not load the {what} {name_or_path!r} ({first_line(e)}). Without network "
                           f"access a hub id cannot be downloaded: pass a local directory with {flag}") from None
@@ -176,7 +209,7 @@ def load_aesthetic_head(head: str, device) -> AestheticHead:
             raise RewardError(f"--aesthetic-head: {str(path)!r}: no such file")
         try:  # a hub repo id
             from huggingface_hub import hf_hub_download
-            path = hf_hub_download(head, "aesthetic-model.pth")
+            path = from_hub_or_cache(lambda **k: hf_hub_download(head, "aesthetic-model.pth", **k), head)
         except Exception as e:
             raise RewardError(f"could not download the aesthetic head {head!r} ({first_line(e)}). Without "
                               "network access pass a local aesthetic-model.pth with --aesthetic-head") from None
@@ -337,6 +370,8 @@ def parse_reward_spec(spec: str) -> list:
             weight = float(weight)
         except ValueError:
             raise RewardError(f"reward {spec!r}: weight {weight!r} of {name!r} is not a number") from None
+        if not math.isfinite(weight) or weight == 0:
+            raise RewardError(f"reward {spec!r}: weight {weight} of {name!r} must be finite and nonzero")
         if ":" in name:
             import_user_fn(name)
         elif name not in REWARDS:
@@ -349,11 +384,19 @@ def parse_reward_spec(spec: str) -> list:
 def import_user_fn(name: str):
     """'my_module:my_fn' -> the function, importable from the working directory too."""
     module_name, _, fn_name = name.partition(":")
+    if not module_name or not fn_name:
+        raise RewardError(f"reward {name!r}: write your own reward as module:function, e.g. my_rewards:score")
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
     try:
-        fn = getattr(importlib.import_module(module_name), fn_name)
-    except (ImportError, AttributeError) as e:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RewardError(f"reward {name!r}: cannot import it ({e})") from None
+    except Exception as e:  # the module itself is broken: a SyntaxError, or it raises at import
+        raise RewardError(f"reward {name!r}: cannot import it ({type(e).__name__}: {first_line(e)})") from None
+    try:
+        fn = getattr(module, fn_name)
+    except AttributeError as e:
         raise RewardError(f"reward {name!r}: cannot import it ({e})") from None
     if not callable(fn):
         raise RewardError(f"reward {name!r} is not a function")

@@ -1,21 +1,29 @@
-"""Tests for ddpo.py and rewards.py. Every number is checked against an independent reference: a float64
-re-derivation of the formulas in ddpo-notes, a hand-worked example, or a second code path.
+"""Tests for ddpo.py, rewards.py and kernels.py. Every number is checked against an independent reference:
+a float64 re-derivation of the formulas (DDIM paper eqs. 12 and 16), a hand-worked example, or a second
+code path. Sections follow ddpo.py's reading order: the algorithm, the kernels, the rewards, the script's
+input checks, then (slow) the training pieces and whole runs on the tiny model.
 
-    pytest -q test_ddpo.py            # everything (the first run pretrains the tiny model once, ~2-3 min)
+    python -m pytest -q test_ddpo.py                  # everything (the first run pretrains the tiny model once)
+    python -m pytest -q test_ddpo.py -m "not slow"    # the fast core: no tiny model, no whole runs
 """
 
 import contextlib
 import dataclasses
+import errno
 import io
 import json
 import math
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
+import warnings
 
 # Before triton is imported: run the Triton kernels of kernels.py on CPU tensors through the interpreter.
-# ddpo.py then also trains through them on CPU (--fused-kernel auto), so the training tests cover them.
+# Runs that pass --fused-kernel on then train through them on the CPU too (auto means: on GPUs only).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np
@@ -28,6 +36,12 @@ import ddpo
 import kernels
 import rewards
 
+# `slow` marks the tests that need the tiny pretrained model or run the script; `-m "not slow"` skips them.
+# (The top level holds no pytest configuration file, so the marker is declared here.)
+warnings.filterwarnings("ignore", message="Unknown pytest.mark.slow", category=pytest.PytestUnknownMarkWarning)
+slow = pytest.mark.slow
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_LATENT = (12, 16, 16)  # (C, h, w): the tiny model's latents of 32 px images
 
 
@@ -39,7 +53,7 @@ def sd_scheduler(steps=50, prediction_type="epsilon"):
 
 
 def reference_step64(scheduler, model_output, t, x_t, x_prev, eta):
-    """ddpo-notes §2 in float64, written from the formulas, per sample (t may differ per sample)."""
+    """DDIM eqs. (12) and (16) in float64, written from the formulas, per sample (t may differ per sample)."""
     abar = scheduler.alphas_cumprod.double()
     step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     out, x_t, x_prev = model_output.double(), x_t.double(), x_prev.double()
@@ -61,6 +75,9 @@ def reference_step64(scheduler, model_output, t, x_t, x_prev, eta):
     return torch.stack(means), torch.tensor(stds, dtype=torch.float64), torch.stack(logps)
 
 
+# ======================================================================================================
+# 1. The algorithm: DDIM step with log-prob, advantages, the clipped loss, the training plan
+# ======================================================================================================
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("eta", [1.0, 0.5])
 def test_ddim_step_matches_float64_formulas(prediction_type, eta):
@@ -152,9 +169,251 @@ def test_clipped_loss_hand_values_and_gradients():
     torch.testing.assert_close(logp.grad, expected)
 
 
-# ------------------------------------------------------------------------------------------------------
-# Rewards
-# ------------------------------------------------------------------------------------------------------
+def test_training_plan_covers_each_sample_once_in_the_published_order():
+    """12 samples, 6 steps each, 2 batches of 3 per optimizer step, half the steps kept, micro-batches of 4:
+    the shuffles are the generator's (samples, then time per sample), each optimizer step lists its 6
+    samples' 3 kept steps batch by batch and step by step, and micro-batches cut that list in order."""
+    N, T, B, G, m = 12, 6, 3, 2, 4
+    plan = ddpo.training_plan(N, T, B, G, 0.5, m, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)  # the same draws, made by hand
+    perm = torch.randperm(N, generator=g)
+    time_perm = torch.stack([torch.randperm(T, generator=g) for _ in range(N)])
+    assert len(plan) == N // (B * G)
+    seen = []
+    for k, micro_batches in enumerate(plan):
+        assert [len(i) for i, _ in micro_batches] == [4, 4, 4, 4, 2]  # 18 pairs: 4 + 4 + 4 + 4 + 2
+        rows = torch.cat([i for i, _ in micro_batches]).tolist()
+        steps = torch.cat([j for _, j in micro_batches]).tolist()
+        expected = [(perm[k * 6 + g_ * 3 + b].item(), time_perm[k * 6 + g_ * 3 + b, slot].item())
+                    for g_ in range(G) for slot in range(3) for b in range(B)]
+        assert list(zip(rows, steps)) == expected
+        seen += expected
+    assert sorted(seen) == sorted((i, time_perm[(perm == i).nonzero().item(), s].item()) for i in range(N)
+                                  for s in range(3))  # every sample, its first 3 shuffled steps, once
+
+
+def test_gather_pairs_takes_each_pair_from_its_sample_and_step():
+    N, T = 3, 4
+    samples = {"latents": torch.arange(N * T * 2.0).reshape(N, T, 2), "next_latents": -torch.arange(N * T * 2.0).reshape(N, T, 2),
+               "timesteps": torch.arange(N * T).reshape(N, T) * 10, "log_probs": torch.arange(N * T).reshape(N, T) / 10,
+               "embeds": torch.arange(N * 5.0).reshape(N, 5), "advantages": torch.tensor([1.0, 2.0, 3.0])}
+    batch = ddpo.gather_pairs(samples, torch.tensor([2, 0]), torch.tensor([1, 3]))
+    assert batch["t"].tolist() == [90, 30] and batch["advantages"].tolist() == [3.0, 1.0]
+    assert batch["x_t"].tolist() == [[18.0, 19.0], [6.0, 7.0]] and batch["x_prev"].tolist() == [[-18.0, -19.0], [-6.0, -7.0]]
+    assert batch["old_log_prob"].tolist() == pytest.approx([0.9, 0.3]) and batch["embeds"][0].tolist() == [10, 11, 12, 13, 14]
+
+
+# ======================================================================================================
+# 2. kernels.py: the fused Triton kernels (interpreter) and their reference, against float64
+# ======================================================================================================
+def kernel_case(prediction_type, shape, dtype, cfg, seed=3, w=5.0):
+    """Random inputs for ddim_logprob_ratio, with x_prev drawn from the policy (so log p is realistic), and
+    the float64 truth: log p, ratio and their gradients with respect to both noise predictions under a
+    random upstream gradient, from reference_step64 (DDIM eqs. 12 and 16, per sample, float64)."""
+    scheduler = sd_scheduler(prediction_type=prediction_type)
+    g = torch.Generator().manual_seed(seed)
+    B = shape[0]
+    t = scheduler.timesteps[torch.randint(len(scheduler.timesteps), (B,), generator=g)]
+    t[0] = scheduler.timesteps[-1]  # always include the last step, where std is smallest
+    cond, uncond = (torch.randn(shape, generator=g).to(dtype) for _ in range(2))
+    x_t = torch.randn(shape, generator=g)
+    c64, u64 = cond.double().requires_grad_(), uncond.double().requires_grad_()
+    guided64 = u64 + w * (c64 - u64) if cfg else c64
+    x_prev, _ = ddpo.ddim_step_with_logprob(scheduler, guided64.detach(), t, x_t, generator=g)
+    _, _, logp64 = reference_step64(scheduler, guided64, t, x_t, x_prev, 1.0)
+    old = (logp64.detach() + 0.01 * torch.randn(B, generator=g, dtype=torch.float64)).float()
+    ratio64 = torch.exp(logp64 - old.double())
+    up_logp, up_ratio = torch.randn(B, generator=g), torch.randn(B, generator=g)
+    (logp64 * up_logp.double() + ratio64 * up_ratio.double()).sum().backward()
+    truth = dict(logp=logp64.detach(), ratio=ratio64.detach(), grad_c=c64.grad, grad_u=u64.grad if cfg else None)
+    inputs = dict(scheduler=scheduler, cond=cond, uncond=uncond if cfg else None, w=w, t=t, x_t=x_t,
+                  x_prev=x_prev, old=old, up=(up_logp, up_ratio))
+    return inputs, truth
+
+
+def run_fused(inputs, fused, transform=lambda x: x):
+    cond = transform(inputs["cond"]).requires_grad_()
+    uncond = None if inputs["uncond"] is None else transform(inputs["uncond"]).requires_grad_()
+    logp, ratio = kernels.ddim_logprob_ratio(inputs["scheduler"], cond, uncond, inputs["w"], inputs["t"],
+                                             transform(inputs["x_t"]), transform(inputs["x_prev"]), inputs["old"],
+                                             fused=fused)
+    up_logp, up_ratio = inputs["up"]
+    (logp * up_logp + ratio * up_ratio).sum().backward()
+    return logp, ratio, cond.grad, None if uncond is None else uncond.grad
+
+
+# Tolerances. fp32: 1e-5 relative for log p and ratio. The gradient is proportional to x_prev - mu, a
+# difference of O(std) (0.02 at the last step) between O(1) numbers, so float32 leaves an absolute error of
+# about eps32 |x| / std ~ 3e-6 of the gradient's scale: gradients are checked to 1e-5 of their scale.
+# bf16/fp16 inputs: the truth is computed from the same rounded inputs, so log p and ratio still meet 1e-5
+# (all arithmetic is float32); the gradients are returned in the input dtype. fp16: round to nearest, at
+# most 2^-11 relative. bf16: the Triton 3.9 interpreter converts float32 -> bf16 by truncation (its
+# cast_impl ignores rounding modes), one ulp = 2^-7 relative at worst; compiled code rounds to nearest,
+# which the AOT test checks in the PTX (cvt.rn.bf16.f32).
+GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-11}
+
+
+def assert_matches_truth(result, truth, dtype):
+    logp, ratio, grad_c, grad_u = result
+    assert logp.dtype == ratio.dtype == torch.float32
+    torch.testing.assert_close(logp.double(), truth["logp"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(ratio.double(), truth["ratio"], rtol=1e-5, atol=0)
+    assert grad_c.dtype == dtype
+    scale = truth["grad_c"].abs().max().item()
+    for got, want in ((grad_c, truth["grad_c"]), (grad_u, truth["grad_u"])):
+        if want is None:
+            assert got is None
+            continue
+        torch.testing.assert_close(got.double(), want, rtol=GRAD_RTOL[dtype], atol=1e-5 * scale)
+
+
+KERNEL_SHAPES = [(3, 4, 17, 23), (2, 4, 8, 8), (1, 4, 64, 64)]  # odd; N < BLOCK; SD's N = 16384 > BLOCK
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("cfg", [True, False])
+@pytest.mark.parametrize("shape", KERNEL_SHAPES)
+@pytest.mark.parametrize("fused", [True, False], ids=["triton", "reference"])
+def test_kernel_matches_float64_formulas_and_gradients(prediction_type, cfg, shape, fused):
+    inputs, truth = kernel_case(prediction_type, shape, torch.float32, cfg)
+    assert_matches_truth(run_fused(inputs, fused), truth, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cfg", [True, False])
+def test_kernel_half_precision_inputs(dtype, cfg):
+    inputs, truth = kernel_case("epsilon", (3, 4, 17, 23), dtype, cfg)
+    assert_matches_truth(run_fused(inputs, True), truth, dtype)
+
+
+def test_kernel_non_contiguous_inputs_are_read_correctly():
+    inputs, truth = kernel_case("epsilon", (3, 4, 17, 23), torch.float32, True)
+    # the same logical tensors, stored transposed: (B, C, W, H) memory viewed as (B, C, H, W)
+    non_contiguous = lambda x: x.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not non_contiguous(inputs["cond"]).is_contiguous()
+    assert_matches_truth(run_fused(inputs, True, non_contiguous), truth, torch.float32)
+
+
+def test_kernel_writes_every_output_element(monkeypatch):
+    """Outputs are allocated with torch.empty(_like): poison them with NaN; the kernels must overwrite all."""
+    inputs, truth = kernel_case("v_prediction", (3, 4, 17, 23), torch.float32, True)
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: real_empty_like(*a, **k).fill_(float("nan")))
+    result = run_fused(inputs, True)
+    assert all(torch.isfinite(r).all() for r in result)
+    assert_matches_truth(result, truth, torch.float32)
+
+
+def test_kernel_rejects_bad_inputs_clearly():
+    inputs, _ = kernel_case("epsilon", (2, 4, 8, 8), torch.float32, True)
+    with pytest.raises(ValueError, match="noise_pred_uncond has shape"):
+        kernels.ddim_logprob_ratio(inputs["scheduler"], inputs["cond"], inputs["uncond"][:, :2], 5.0, inputs["t"],
+                                   inputs["x_t"], inputs["x_prev"], inputs["old"], fused=True)
+    table = kernels.coefficient_table(inputs["scheduler"], 1.0, "cpu")
+    with pytest.raises(TypeError, match="sample must be float32"):
+        kernels.fused_forward(inputs["cond"], None, 1.0, table, inputs["t"], inputs["x_t"].double(), inputs["x_prev"],
+                              inputs["old"])
+    with pytest.raises(TypeError, match="timesteps must be int64"):
+        kernels.fused_forward(inputs["cond"], None, 1.0, table, inputs["t"].int(), inputs["x_t"], inputs["x_prev"],
+                              inputs["old"])
+
+
+def test_kernel_falls_back_visibly_for_clip_sample():
+    inputs, _ = kernel_case("epsilon", (2, 4, 8, 8), torch.float32, False)
+    scheduler = DDIMScheduler.from_config({**inputs["scheduler"].config, "clip_sample": True})
+    scheduler.set_timesteps(50)
+    kernels._warned.clear()
+    with pytest.warns(UserWarning, match="does not do clip_sample"):
+        logp, _ = kernels.ddim_logprob_ratio(scheduler, inputs["cond"], None, 1.0, inputs["t"], inputs["x_t"],
+                                             inputs["x_prev"], inputs["old"], fused=True)
+    _, expected = ddpo.ddim_step_with_logprob(scheduler, inputs["cond"], inputs["t"], inputs["x_t"],
+                                              prev_sample=inputs["x_prev"])
+    torch.testing.assert_close(logp, expected, rtol=0, atol=0)
+
+
+AOT_SCRIPT = """
+import json, os, re, subprocess, sys, tempfile, torch, triton, kernels
+arch = int(sys.argv[1])
+from triton.backends.nvidia.compiler import get_ptxas
+ptxas = get_ptxas(arch).path  # the ptxas triton itself assembles this arch with (shipped in the wheel)
+report = []
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for cfg in (True, False):
+        for name, k in kernels.compile_for_gpu(arch, dtype, cfg).items():
+            ptx = k.asm["ptx"]
+            target = re.search(r"\\.target (sm_\\w+)", ptx).group(1)
+            with tempfile.TemporaryDirectory() as d:
+                open(d + "/k.ptx", "w").write(ptx)
+                out = subprocess.run([ptxas, "-arch=" + target, "-v", d + "/k.ptx", "-o", d + "/k.cubin"],
+                                     capture_output=True, text=True, check=True).stderr
+            report.append(dict(kernel=name, dtype=str(dtype), cfg=cfg, target=target, cubin=len(k.asm["cubin"]),
+                               spills=re.findall(r"(\\d+) bytes spill stores, (\\d+) bytes spill loads", out),
+                               rounds_bf16="cvt.rn.bf16.f32" in ptx, ptxas=out,
+                               atomics=[re.sub(r"%p\\d+", "%p", l.split(" %")[0].strip()) for l in ptx.splitlines() if "atom." in l]))
+print(json.dumps(report))
+"""
+
+
+@slow
+@pytest.mark.parametrize("arch", [80, 90])
+def test_aot_compiles_for_a100_and_h100_without_spills(arch):
+    """Both kernels, every dtype ddpo.py uses, with and without CFG, compiled ahead of time for sm_80 and
+    sm_90 in a clean process (no interpreter); ptxas from the triton wheel reports zero spills."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", AOT_SCRIPT, str(arch)], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.abspath(__file__)), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(report) == 3 * 2 * 2
+    for r in report:
+        assert r["target"].startswith(f"sm_{arch}") and r["cubin"] > 1000, r
+        assert r["spills"] and all(s == ["0", "0"] for s in r["spills"]), r["ptxas"]
+        if "bfloat16" in r["dtype"] and r["kernel"] == "ddim_logprob_bwd_kernel":
+            assert r["rounds_bf16"], "bf16 gradients must be rounded to nearest, not truncated"
+        if r["kernel"] == "ddim_logprob_fwd_kernel":  # one arrival count per program, by one thread, ordered
+            assert r["atomics"] == ["@%p atom.global.gpu.acq_rel.add.u32"], r["atomics"]
+
+
+def test_kernel_split_sums_deterministically_and_resets_its_counters():
+    """Each sample's N is split over S programs (S = 1, 2 and 16 in the shapes above; here 64 for a batch of
+    one); the last program to arrive adds the partial sums in a fixed order and zeroes the arrival
+    counter, so a second call gives bitwise the same result and the counters are left at zero."""
+    assert kernels.launch_split(32, 4 * 64 * 64) == (16, 1024)  # SD's latents, B = 32: 512 programs
+    assert kernels.launch_split(1, 64 * 1024 * 4) == (64, 4096)
+    inputs, truth = kernel_case("epsilon", (1, 4, 256, 256), torch.float32, True)
+    first = run_fused(inputs, True)
+    assert_matches_truth(first, truth, torch.float32)
+    assert not kernels.arrival_counters(1, "cpu").any()
+    second = run_fused(inputs, True)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@slow
+def test_kernels_py_alone_in_an_empty_directory_runs_its_check(tmp_path):
+    """kernels.py copied alone (no ddpo.py, no rewards.py importable) runs `python kernels.py`: fused ==
+    reference at an SD shape, and one launch each way against eager's dozens."""
+    shutil.copy(os.path.join(HERE, "kernels.py"), tmp_path)
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "TRITON_INTERPRET": "1"}
+    probe = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('ddpo'), "
+                            "u.find_spec('rewards'))"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert probe.stdout.split() == ["None", "None"], probe.stdout + probe.stderr
+    out = subprocess.run([sys.executable, "kernels.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    diffs = [float(d) for d in re.findall(r"max \|fused - reference\| = (\S+)", out.stdout)]
+    assert len(diffs) == 4 and max(diffs) < 1e-5, out.stdout
+    rows = re.findall(r"^\s*(\d+)\s+([\d.]+) MB\s+(\d+) launches\s+([\d.]+) MB\s+(\d+) launches\s+([\d.]+) MB\s+1 launches"
+                      r"\s+([\d.]+) MB\s+2 launches", out.stdout, re.M)
+    assert [int(r[0]) for r in rows] == [1, 2, 4, 8, 16, 32], out.stdout
+    for B, eager_f, launches_f, eager_fb, launches_fb, fused_f, fused_fb in rows:
+        assert float(eager_f) > 5 * float(fused_f) and float(eager_fb) > 5 * float(fused_fb)
+        assert int(launches_f) > 10 and int(launches_fb) > int(launches_f)
+
+
+# ======================================================================================================
+# 3. Rewards
+# ======================================================================================================
 def test_jpeg_sizes_match_pil_and_rank_flat_below_noise():
     g = torch.Generator().manual_seed(0)
     flat, noise = torch.full((1, 3, 64, 64), 0.5), torch.rand(1, 3, 64, 64, generator=g)
@@ -434,51 +693,579 @@ def test_bert_score_layer_counts_transformer_layers():
         rewards.bert_score(["a"], ["b"], model=minilm_path(), layer=7)
 
 
-# ------------------------------------------------------------------------------------------------------
-# The script: bad input, a whole tiny run, its checkpoint
-# ------------------------------------------------------------------------------------------------------
+# ======================================================================================================
+# 4. The script's input checks: one line, before any model loads
+# ======================================================================================================
+USER_REWARDS = """
+import os, time, torch
+
+calls = 0
+
+def mean_red(images, prompts):
+    return images[:, 0].mean(dim=(1, 2)), {"red": images[:, 0].mean(dim=(1, 2)).tolist()}
+
+def nan_reward(images, prompts):
+    return torch.full((len(images),), float("nan")), {}
+
+def wrong_shape(images, prompts):
+    return torch.zeros(len(images), 1), {}
+
+def raises(images, prompts):
+    raise ValueError("boom")
+
+def in_epoch_1(images, value):  # 2 sampling batches per tiny epoch: call 3 is epoch 1's first
+    global calls
+    calls += 1
+    return value if calls == 3 else None
+
+def fails_in_epoch_1(images, prompts):
+    return torch.full((len(images),), float("nan") if in_epoch_1(images, True) else 1.0)
+
+def vector_info_in_epoch_1(images, prompts):
+    bad = in_epoch_1(images, True)
+    return images.mean(dim=(1, 2, 3)), {"pixels": [img.flatten()[:3].tolist() if bad else 0.5 for img in images]}
+
+def hangs_in_epoch_1(images, prompts):
+    if in_epoch_1(images, True):
+        open(os.environ["HANG_MARKER"], "w").close()
+        time.sleep(120)
+    return images.mean(dim=(1, 2, 3))
+"""
+
+BROKEN_MODULES = {"syntax_error_reward": "def fn(images, prompts)\n    return 1\n",
+                  "raising_reward": "raise RuntimeError('no GPU for this reward')\n"}
+
+
+@pytest.fixture
+def user_rewards(tmp_path, monkeypatch):
+    (tmp_path / "user_rewards.py").write_text(USER_REWARDS)
+    for name, text in BROKEN_MODULES.items():
+        (tmp_path / f"{name}.py").write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("user_rewards", *BROKEN_MODULES):
+        sys.modules.pop(name, None)
+    yield tmp_path
+    sys.modules.pop("user_rewards", None)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--reward", "no_such_reward"], "unknown reward 'no_such_reward'"),
     (["--preset", "no_such_preset"], "unknown preset 'no_such_preset'"),
     (["--train-batch-size", "5"], "must be divisible by train_batch_size 5"),
     (["--eta", "0"], "--eta must be > 0"),
     (["--eta", "-1"], "--eta must be > 0"),
+    (["--eta", "inf"], "--eta must be > 0 and finite"),
     (["--prompts", "no_such_file.txt"], "is neither a built-in set"),
     (["--prompts", "EMPTY"], "has no prompts"),
+    (["--prompts", "LATIN1"], "is not UTF-8 text"),
     (["--model", "./no/such/model"], "no such directory"),
-    (["--timestep-fraction", "0"], "--timestep-fraction must be in (0, 1]"),
-    (["--mixed-precision", "fp8"], "--mixed-precision must be no, fp16 or bf16"),
+    (["--model", "RELMODEL"], "--model 'models/sd15': no such directory"),
+    (["--timestep-fraction", "0"], "--timestep-fraction must be in (0, 1] (got 0.0)"),
+    (["--mixed-precision", "fp8"], "--mixed-precision must be no or fp16 or bf16 (got 'fp8')"),
+    (["--fused-kernel", "maybe"], "--fused-kernel must be auto or on or off (got 'maybe')"),
+    (["--exact-ratio", "maybe"], "--exact-ratio must be auto or on or off (got 'maybe')"),
     (["--reward", "aesthetic=high"], "weight 'high' of 'aesthetic' is not a number"),
+    (["--reward", "jpeg_compressibility=nan"], "weight nan of 'jpeg_compressibility' must be finite and nonzero"),
+    (["--reward", "jpeg_compressibility=1,brightness=0"], "weight 0.0 of 'brightness' must be finite and nonzero"),
     (["--reward", "jpeg_compressibility=1,no_such_reward=2"], "unknown reward 'no_such_reward'"),
     (["--reward", "no_such_module_xyz:fn"], "reward 'no_such_module_xyz:fn': cannot import it"),
+    (["--reward", ":fn"], "reward ':fn': write your own reward as module:function"),
+    (["--reward", "user_rewards:"], "reward 'user_rewards:': write your own reward as module:function"),
+    (["--reward", "syntax_error_reward:fn"], "reward 'syntax_error_reward:fn': cannot import it (SyntaxError"),
+    (["--reward", "raising_reward:fn"], "cannot import it (RuntimeError: no GPU for this reward)"),
     (["--reward", "aesthetic", "--clip-model", "./no/such/clip"], "--clip-model './no/such/clip': no such directory"),
     (["--reward", "brightness", "--clip-model", "x/y"], "does not use the option(s) clip_model"),
+    (["--keep-checkpoints", "-1"], "--keep-checkpoints must be >= 1 (got -1)"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1 (got 0)"),
+    (["--learning-rate", "inf"], "--learning-rate must be > 0 and finite (got inf)"),
+    (["--learning-rate", "nan"], "--learning-rate must be > 0 and finite (got nan)"),
+    (["--guidance-scale", "nan"], "--guidance-scale must be >= 0 and finite (got nan)"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm must be > 0 (inf for no clipping) (got -1.0)"),
+    (["--adv-clip-max", "-1"], "--adv-clip-max must be > 0 (inf for no clipping) (got -1.0)"),
+    (["--clip-range", "0"], "--clip-range must be > 0 and finite (got 0.0)"),
+    (["--adam-beta2", "1"], "--adam-beta2 must be in [0, 1) (got 1.0)"),
+    (["--lora-rank", "-1"], "--lora-rank must be >= 0 (got -1)"),
+    (["--save-every", "0"], "--save-every must be >= 1 (got 0)"),
+    (["--num-epochs", "0"], "--num-epochs must be >= 1 (got 0)"),
+    (["--num-steps", "1001"], "--num-steps must be <= 1000, the diffusion's training timesteps (got 1001)"),
+    (["--stat-min-count", "40"], "--stat-min-count must be <= --stat-buffer-size 32"),
+    (["--seed", "-1"], "--seed must be in [0, 2^31) (got -1)"),
+    (["--device", "banana"], "--device 'banana' is not a device"),
+    (["--device", "cuda:abc"], "--device 'cuda:abc' is not a device"),
+    (["--device", "mps"], "--device 'mps': only cpu and cuda devices are supported"),
+    (["--device", "cuda"], "--device 'cuda': CUDA is not available on this machine"),
+    (["--reward-device", "banana"], "--reward-device 'banana' is not a device"),
+    (["--resume", "NOT_A_CHECKPOINT"], "is not a checkpoint directory (no config.json or trainer_state.pt)"),
+    (["--run-dir", "A_FILE"], "is a file, not a directory"),
+    (["--run-dir", "UNDER_A_FILE"], "is a file, not a directory"),
 ])
-def test_bad_input_fails_in_one_line_before_models_load(argv, message, monkeypatch, tmp_path):
+def test_bad_input_fails_in_one_line_before_models_load(argv, message, monkeypatch, tmp_path, user_rewards):
+    if torch.cuda.is_available() and argv == ["--device", "cuda"]:
+        pytest.skip("this machine has CUDA")
     monkeypatch.setattr(ddpo, "load_pipeline", lambda *a, **k: pytest.fail("models loaded before input was checked"))
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n  \n")
-    argv = [str(empty) if a == "EMPTY" else a for a in argv]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()  # so that 'models/sd15' is a relative path, not a hub id 'org/name'
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "latin1.txt").write_bytes("une crème brûlée\n".encode("latin-1"))
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "not_a_checkpoint").mkdir()
+    stand_ins = {"EMPTY": "empty.txt", "LATIN1": "latin1.txt", "RELMODEL": "models/sd15", "A_FILE": "a_file",
+                 "UNDER_A_FILE": "a_file/run", "NOT_A_CHECKPOINT": "not_a_checkpoint"}
+    argv = [stand_ins.get(a, a) for a in argv]
+    run_dir = [] if "--run-dir" in argv else ["--run-dir", str(tmp_path / "run")]
     with pytest.raises(SystemExit) as exit_info:
-        ddpo.main(["--preset", "tiny", *argv, "--run-dir", str(tmp_path / "run")])
+        ddpo.main(["--preset", "tiny", *argv, *run_dir])
     text = str(exit_info.value.code)
-    assert text.startswith("ddpo.py: error: ") and message in text and "\n" not in text
+    assert text.startswith("ddpo.py: error: ") and message in text and "\n" not in text, text
     assert not (tmp_path / "run").exists()
 
 
 def test_preset_first_then_flags_override():
     args = ddpo.parse_args(["--num-epochs", "7", "--preset", "tiny", "--no-per-prompt-stat-tracking"])
-    assert args.num_epochs == 7 and args.model == "tiny" and args.resolution == 32
+    assert args.num_epochs == 7 and args.model == "tiny" and args.resolution is None
     assert args.per_prompt_stat_tracking is False
     assert ddpo.parse_args(["--preset", "aesthetic"]).gradient_accumulation_steps == 4
 
 
+def test_help_names_the_presets_the_prompt_sets_and_the_sample_command(capsys):
+    with pytest.raises(SystemExit):
+        ddpo.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in [*ddpo.PRESETS, *ddpo.PROMPT_SETS, "python ddpo.py sample --checkpoint DIR"]:
+        assert name in text, name
+
+
+def test_resolution_defaults_to_the_models_own():
+    """UNet sample size x the VAE's downsampling factor: SD 1.x 64 x 8 = 512, SD 2.x 768-v 96 x 8 = 768,
+    the tiny model 16 x 2 = 32. An explicit --resolution wins."""
+    from types import SimpleNamespace as NS
+
+    def pipe(sample_size, vae_blocks, channels=4):
+        return NS(unet=NS(config=NS(sample_size=sample_size, in_channels=channels)),
+                  vae=NS(config=NS(block_out_channels=(128,) * vae_blocks)))
+
+    assert ddpo.latent_shape_of(pipe(64, 4)) == (4, 64, 64)
+    assert ddpo.latent_shape_of(pipe(96, 4)) == (4, 96, 96)
+    assert ddpo.latent_shape_of(pipe(16, 2, 12)) == (12, 16, 16)
+    assert ddpo.latent_shape_of(pipe(64, 4), 256) == (4, 32, 32)
+    with pytest.raises(SystemExit, match="must be a multiple of the VAE's downsampling factor 8"):
+        ddpo.latent_shape_of(pipe(64, 4), 260)
+
+
+def test_a_fresh_run_never_writes_into_another_runs_directory(tmp_path, monkeypatch):
+    monkeypatch.setattr(ddpo, "load_pipeline", lambda *a, **k: pytest.fail("models loaded"))
+    for held in ("config.json", "metrics.jsonl", "checkpoints"):
+        run_dir = tmp_path / held
+        run_dir.mkdir()
+        (run_dir / held).mkdir() if held == "checkpoints" else (run_dir / held).write_text("{}")
+        with pytest.raises(SystemExit) as exit_info:
+            ddpo.main(["--preset", "tiny", "--run-dir", str(run_dir)])
+        text = str(exit_info.value.code)
+        assert f"already holds a run ({held})" in text and "--resume auto" in text and "--overwrite" in text
+        assert sorted(p.name for p in run_dir.iterdir()) == [held]  # untouched
+
+
+def test_an_unwritable_run_directory_fails_before_models_load(tmp_path, monkeypatch):
+    """Root may write anywhere, so the permission answer is stood in for: a --run-dir under a directory that
+    os.access says is not writable."""
+    monkeypatch.setattr(ddpo, "load_pipeline", lambda *a, **k: pytest.fail("models loaded"))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(tmp_path) else real_access(path, mode))
+    with pytest.raises(SystemExit) as exit_info:
+        ddpo.main(["--preset", "tiny", "--run-dir", str(tmp_path / "runs" / "a")])
+    assert str(exit_info.value.code) == f"ddpo.py: error: --run-dir '{tmp_path / 'runs' / 'a'}': '{tmp_path}' is not writable"
+
+
+def fake_checkpoint(run_dir, epoch, args, state=None, damaged=False):
+    """A checkpoint directory as save_checkpoint lays it out (config.json, trainer_state.pt), without weights:
+    enough for everything that is read before the models load."""
+    path = run_dir / "checkpoints" / f"epoch_{epoch:04d}"
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(dataclasses.asdict(args)))
+    if damaged:
+        (path / "trainer_state.pt").write_bytes(b"half a checkpoint")
+    else:
+        torch.save(state or {"next_epoch": epoch, "global_step": 4 * epoch}, path / "trainer_state.pt")
+    return path
+
+
+def test_resume_refuses_to_change_the_stat_tracker_or_the_seed(tmp_path, monkeypatch):
+    """The checkpoint's tracker buffers and RNG states would silently win over these flags: refused."""
+    monkeypatch.setattr(ddpo, "load_pipeline", lambda *a, **k: pytest.fail("models loaded"))
+    args = ddpo.parse_args(["--preset", "tiny", "--run-dir", str(tmp_path)])
+    fake_checkpoint(tmp_path, 1, args)
+    for flag, value, change in [("--stat-buffer-size", "16", "stat_buffer_size 32 -> 16"),
+                                ("--stat-min-count", "4", "stat_min_count 8 -> 4"), ("--seed", "7", "seed 0 -> 7")]:
+        with pytest.raises(SystemExit, match=f"cannot resume .* {change}"):
+            ddpo.main(["--preset", "tiny", "--run-dir", str(tmp_path), "--resume", "auto", flag, value])
+
+
+def test_resume_auto_skips_a_damaged_checkpoint_and_a_finished_run_has_nothing_to_do(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ddpo, "load_pipeline", lambda *a, **k: pytest.fail("models loaded"))
+    args = ddpo.parse_args(["--preset", "tiny", "--run-dir", str(tmp_path)])
+    good = fake_checkpoint(tmp_path, 9999, args)
+    damaged = fake_checkpoint(tmp_path, 10000, args, damaged=True)  # newest: sorted by number, not by name
+    with pytest.raises(SystemExit) as exit_info:
+        ddpo.main(["--preset", "tiny", "--run-dir", str(tmp_path), "--resume", "auto", "--num-epochs", "9999"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"skipping {damaged}: checkpoint {damaged} is damaged: trainer_state.pt does not load" in out
+    assert f"{good} has trained 9999 epochs already, --num-epochs is 9999: nothing to do" in out
+    with pytest.raises(SystemExit) as exit_info:  # named explicitly, a damaged checkpoint is an error
+        ddpo.main(["--preset", "tiny", "--run-dir", str(tmp_path), "--resume", str(damaged)])
+    text = str(exit_info.value.code)
+    assert text.startswith(f"ddpo.py: error: checkpoint {damaged} is damaged") and "\n" not in text
+
+
+def test_checkpoints_sort_by_epoch_number(tmp_path):
+    for epoch in (9, 10, 9999, 10000, 123456):
+        (tmp_path / "checkpoints" / f"epoch_{epoch:04d}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"epoch_{epoch:04d}" / "trainer_state.pt").write_text("")
+    (tmp_path / "checkpoints" / "epoch_0011.tmp").mkdir()  # unfinished: never listed
+    assert [p.name for p in ddpo.list_checkpoints(tmp_path)] == [
+        "epoch_0009", "epoch_0010", "epoch_9999", "epoch_10000", "epoch_123456"]
+
+
+def test_sample_command_checks_its_flags_before_rendering(tmp_path, monkeypatch):
+    monkeypatch.setattr(ddpo, "load_pipeline", lambda *a, **k: pytest.fail("models loaded"))
+    checkpoint = fake_checkpoint(tmp_path, 1, ddpo.parse_args(["--preset", "tiny"]))
+    for argv, message in [(["--num-images", "0"], "--num-images must be >= 1 (got 0)"),
+                          (["--out", str(tmp_path / "grid")], "must end in one of .png, .jpg, .jpeg, .webp"),
+                          (["--seed", "-3"], "--seed must be in [0, 2^31) (got -3)")]:
+        with pytest.raises(SystemExit) as exit_info:
+            ddpo.main(["sample", "--checkpoint", str(checkpoint), *argv])
+        assert message in str(exit_info.value.code)
+    with pytest.raises(SystemExit, match="is not a checkpoint directory"):
+        ddpo.main(["sample", "--checkpoint", str(tmp_path)])
+
+
+def test_reward_extras_are_checked_like_the_scores():
+    images, prompts = torch.rand(2, 3, 4, 4), ["a", "b"]
+
+    def reward(info):
+        return lambda images, prompts: (torch.ones(2), info)
+
+    scores, info = ddpo.score_batch(reward({"kb": torch.tensor([1.5, 2.0]), "n": [np.int64(3), 4], "s": ["x", "y"],
+                                            "t": [torch.tensor(0.5), torch.tensor([0.25])]}), images, prompts, "r")
+    assert info == {"kb": [1.5, 2.0], "n": [3, 4], "s": ["x", "y"], "t": [0.5, 0.25]}
+    json.dumps(info, allow_nan=False)  # what the run writes
+    for bad, message in [({"v": [[1.0, 2.0], [3.0, 4.0]]}, "info['v'][0] is '[1.0, 2.0]' (list)"),
+                         ({"v": [object(), 1]}, "info['v'][0] is"),
+                         ({"v": [float("nan"), 1.0]}, "info['v'][0] is 'nan' (float)"),
+                         ({"v": [1.0]}, "info['v'] must be a list of 2 entries (one per image), got list of 1"),
+                         ({"v": 3.0}, "info['v'] must be a list of 2 entries"),
+                         ([1, 2], "info must be a dict, got list")]:
+        with pytest.raises(rewards.RewardError, match=re.escape(message)):
+            ddpo.score_batch(reward(bad), images, prompts, "r")
+
+
+def test_metrics_file_drops_a_damaged_line_and_refuses_non_finite_values(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 0, "step": 1}\n{"epoch": 1, "step": 2}\n{"epoch": 2, "st')  # killed mid-line
+    lines = []
+    metrics = ddpo.MetricsFile(path, start_epoch=2, is_main=True, log=lines.append)
+    assert lines == [f"dropped 1 damaged line(s) of {path}"]
+    metrics.write({"epoch": 2, "step": 3})
+    with pytest.raises(ValueError):
+        metrics.write({"epoch": 2, "loss": float("nan")})
+    metrics.close()
+    assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [0, 1, 2]
+
+
+def test_long_prompts_are_reported_not_cut_silently():
+    tokenizer = ddpo.byte_level_clip_tokenizer()  # 32 tokens: 30 characters and the two end tokens
+    lines = []
+    ddpo.warn_truncated_prompts(tokenizer, ["a red circle on blue", "a" * 31], lines.append)
+    assert len(lines) == 1 and "1 of 2 prompts are longer than the text encoder's 32 tokens" in lines[0]
+    ddpo.warn_truncated_prompts(tokenizer, ["a" * 30], lines.append)
+    assert len(lines) == 1
+
+
+def test_a_damaged_tiny_cache_says_how_to_rebuild_it(tmp_path, monkeypatch):
+    (tmp_path / "model_index.json").write_text("{not json")
+    monkeypatch.setattr(ddpo, "tiny_pretrained_path", lambda **k: str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        ddpo.load_pipeline(ddpo.parse_args(["--preset", "tiny"]), torch.device("cpu"), torch.float32)
+    text = str(exit_info.value.code)
+    assert f"the cached tiny pipeline {tmp_path} does not load" in text and "delete that directory" in text
+    assert "--model tiny" not in text
+
+
+def test_an_unreachable_hub_fails_at_once_instead_of_retrying(monkeypatch, capfd):
+    """Offline, a hub id that is not in the local cache fails at once with the reason: no minute of
+    download retries (the DNS lookup is replaced here, so the test means the same on any network)."""
+    monkeypatch.setattr(rewards, "hub_unreachable", lambda: "no network: huggingface.co does not resolve (test)")
+    start = time.perf_counter()
+    with pytest.raises(rewards.RewardError) as error:
+        rewards.get_reward_fn("aesthetic", clip_model="ddpo-tests/no-such-clip")
+    assert time.perf_counter() - start < 10
+    assert str(error.value) == (
+        "could not load the CLIP model 'ddpo-tests/no-such-clip' (no network: huggingface.co does not resolve "
+        "(test), and 'ddpo-tests/no-such-clip' is not in the local cache). Without network access a hub id "
+        "cannot be downloaded: pass a local directory with --clip-model")
+    assert "Retry" not in capfd.readouterr().err
+
+
+def test_unreachable_hub_id_gives_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        ddpo.main(["--model", "ddpo-tests/no-such-model", "--num-epochs", "1", "--run-dir", str(tmp_path / "run")])
+    text = str(exit_info.value.code)
+    assert text.startswith("ddpo.py: error: could not load --model 'ddpo-tests/no-such-model'")
+    assert "--model tiny" in text and "\n" not in text and not (tmp_path / "run").exists()
+
+
+# ======================================================================================================
+# 5. Training pieces on the tiny pretrained model (slow: the first use pretrains it, then cached)
+# ======================================================================================================
+LORA_CFG = ["--lora-rank", "4", "--guidance-scale", "3", "--learning-rate", "3e-3"]
+SMALL_EPOCH = ["--sample-batch-size", "8", "--sample-num-batches", "1", "--train-batch-size", "8", "--num-steps", "4",
+               "--train-micro-batch", "16"]  # 8 samples, one step over 8 x 2 pairs: for runs whose learning is not tested
+
+
+def step_gradients(pipe, samples, uncond, args, generator, fused=False, autocast=contextlib.nullcontext):
+    """The training phase of one epoch as train() runs it (training_plan -> optimizer_step over
+    micro_batch_loss), with an optimizer of learning rate 0 that records each step's (clipped) gradients
+    instead of stepping. Returns (each step's mean loss, each step's gradients)."""
+    import functools
+
+    params = [p for p in pipe.unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    grads = []
+    optimizer.step = lambda: grads.append([p.grad.clone() for p in params])
+    loss_fn = functools.partial(ddpo.micro_batch_loss, pipe.unet, pipe.scheduler, uncond_embeds=uncond,
+                                guidance_scale=args.guidance_scale, eta=args.eta, clip_range=args.clip_range,
+                                adv_clip_max=args.adv_clip_max, fused=fused, autocast=autocast)
+    N, T = samples["timesteps"].shape
+    plan = ddpo.training_plan(N, T, args.train_batch_size, args.gradient_accumulation_steps, args.timestep_fraction,
+                              args.train_micro_batch or args.train_batch_size, generator)
+    losses = []
+    for micro_batches in plan:
+        sums = ddpo.optimizer_step(loss_fn, samples, micro_batches, optimizer, params,
+                                   torch.amp.GradScaler("cpu", enabled=False), args.max_grad_norm, args.clip_range)
+        losses.append((sums[0] / sums[3]).item())
+    return losses, grads
+
+
+@slow
+def test_training_step_through_the_kernel_equals_the_reference(monkeypatch):
+    """One LoRA + CFG training step: the loss and the LoRA gradients through the fused kernel
+    (interpreter) and through ddim_step_with_logprob agree to float32 round-off."""
+    from diffusers import StableDiffusionPipeline
+
+    args = ddpo.parse_args(["--preset", "tiny", *LORA_CFG])
+    pipe = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None)
+    params = ddpo.setup_trainable(pipe.unet, args)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler.set_timesteps(args.num_steps)
+    prompts = ddpo.PROMPT_SETS["tiny_shapes"][:4]
+    embeds, uncond = ddpo.encode_prompts(pipe, prompts), ddpo.encode_prompts(pipe, [""])
+    g = torch.Generator().manual_seed(0)
+    latents, log_probs = ddpo.sample_trajectories(pipe.unet, pipe.scheduler, embeds, uncond.expand(4, -1, -1),
+                                                  TINY_LATENT, args.guidance_scale, args.eta, g)
+    samples = {"embeds": embeds, "latents": latents[:, :-1], "next_latents": latents[:, 1:], "log_probs": log_probs,
+               "timesteps": pipe.scheduler.timesteps.repeat(4, 1), "advantages": torch.tensor([1.0, -0.5, 2.0, -2.5])}
+    args = dataclasses.replace(args, train_batch_size=4, gradient_accumulation_steps=1, timestep_fraction=0.3)
+    results = {fused: step_gradients(pipe, samples, uncond, args, torch.Generator().manual_seed(1), fused=fused)
+               for fused in (True, False)}
+    (loss_k, grads_k), (loss_r, grads_r) = results[True], results[False]
+    assert loss_k == pytest.approx(loss_r, rel=1e-5, abs=1e-7)
+    scale = max(g.abs().max().item() for g in grads_r[0])
+    assert scale > 0
+    for a, b in zip(grads_k[0], grads_r[0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+@slow
+def test_packed_micro_batches_give_the_one_timestep_at_a_time_gradient():
+    """One optimizer step (2 accumulated batches of 4, 3 of 6 time slots kept: P = 24 pairs) packed into UNet
+    calls of 7 pairs (7 + 7 + 7 + 3, mixing samples and timesteps) gives the gradient of the published order,
+    written out here: for each batch, for each kept slot, one UNet call on the batch, loss / (slots * batches)."""
+    from diffusers import StableDiffusionPipeline
+
+    args = ddpo.parse_args(["--preset", "tiny", *LORA_CFG, "--num-steps", "6"])
+    args = dataclasses.replace(args, train_batch_size=4, gradient_accumulation_steps=2, timestep_fraction=0.5,
+                               max_grad_norm=float("inf"))
+    pipe = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None)
+    params = ddpo.setup_trainable(pipe.unet, args)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler.set_timesteps(args.num_steps)
+    N, T, T_train = 8, 6, 3
+    prompts = ddpo.PROMPT_SETS["tiny_shapes"][:N]
+    embeds, uncond = ddpo.encode_prompts(pipe, prompts), ddpo.encode_prompts(pipe, [""])
+    latents, log_probs = ddpo.sample_trajectories(pipe.unet, pipe.scheduler, embeds, uncond.expand(N, -1, -1),
+                                                  TINY_LATENT, args.guidance_scale, args.eta,
+                                                  torch.Generator().manual_seed(0))
+    samples = {"embeds": embeds, "latents": latents[:, :-1], "next_latents": latents[:, 1:], "log_probs": log_probs,
+               "timesteps": pipe.scheduler.timesteps.repeat(N, 1),
+               "advantages": torch.randn(N, generator=torch.Generator().manual_seed(2))}
+    # The reference: the same shuffles (same generator, same draws), then the one-timestep-at-a-time loop.
+    g = torch.Generator().manual_seed(1)
+    perm = torch.randperm(N, generator=g)
+    time_perm = torch.stack([torch.randperm(T, generator=g) for _ in range(N)])
+    s = {k: v[perm] for k, v in samples.items()}
+    for key in ("timesteps", "latents", "next_latents", "log_probs"):
+        s[key] = s[key][torch.arange(N)[:, None], time_perm]
+    for b in range(2):
+        rows = slice(4 * b, 4 * b + 4)
+        for j in range(T_train):
+            eps_c, eps_u = ddpo.predict_noise(pipe.unet, s["latents"][rows, j], s["timesteps"][rows, j],
+                                            s["embeds"][rows], uncond.expand(4, -1, -1), args.guidance_scale)
+            _, log_prob = ddpo.ddim_step_with_logprob(pipe.scheduler, ddpo.classifier_free_guidance(eps_c, eps_u, args.guidance_scale),
+                                                      s["timesteps"][rows, j], s["latents"][rows, j], eta=args.eta,
+                                                      prev_sample=s["next_latents"][rows, j])
+            loss, _ = ddpo.ddpo_loss(log_prob, s["log_probs"][rows, j], s["advantages"][rows], args.clip_range,
+                                     args.adv_clip_max)
+            (loss / (T_train * 2)).backward()
+    expected = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+
+    calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, inputs: calls.append(len(inputs[0])))
+    for fused in (False, True):
+        calls.clear()
+        _, grads = step_gradients(pipe, samples, uncond, dataclasses.replace(args, train_micro_batch=7),
+                                  torch.Generator().manual_seed(1), fused=fused)
+        assert calls == [14, 14, 14, 6]  # 7, 7, 7, 3 pairs, doubled by CFG: packed as asked
+        assert len(grads) == 1
+        scale = max(e.abs().max().item() for e in expected)
+        assert scale > 0
+        for got, want in zip(grads[0], expected):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale)
+    hook.remove()
+
+
+@slow
+def test_channels_last_unet_computes_the_same():
+    """The UNet runs channels-last (select_unet_kernels, every device): the same outputs, and the fused kernel reads
+    its NHWC output."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(3, *TINY_LATENT, generator=g), torch.tensor([901, 501, 1])
+    embeds = ddpo.encode_prompts(pipe, ddpo.PROMPT_SETS["tiny_shapes"][:3]).detach()
+    with torch.no_grad():
+        nchw = pipe.unet(x, t, embeds).sample
+        pipe.unet.to(memory_format=torch.channels_last)
+        nhwc = pipe.unet(x, t, embeds).sample
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and not nhwc.is_contiguous()
+    torch.testing.assert_close(nhwc, nchw, rtol=1e-5, atol=1e-5)
+    scheduler = sd_scheduler(10)
+    tt = scheduler.timesteps[[0, 4, 9]]
+    prev, old = torch.randn(3, *TINY_LATENT, generator=g), torch.zeros(3)
+    a = kernels.ddim_logprob_ratio(scheduler, nhwc, None, 1.0, tt, x, prev, old, eta=1.0, fused=True)[0]
+    b = kernels.ddim_logprob_ratio(scheduler, nhwc.contiguous(), None, 1.0, tt, x, prev, old, eta=1.0, fused=True)[0]
+    assert torch.equal(a, b)
+
+
+@slow
+def test_compile_gives_the_same_unet_outputs():
+    """--compile (torch.compile through inductor, here generating CPU code) computes what eager does.
+    One shape only: compiling the tiny LoRA UNet with inductor takes most of a minute on a 2-core CPU."""
+    from diffusers import StableDiffusionPipeline
+
+    args = ddpo.parse_args(["--preset", "tiny", *LORA_CFG])
+    pipe = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None)
+    ddpo.setup_trainable(pipe.unet, args)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(6, *TINY_LATENT, generator=g), torch.randint(0, 1000, (6,), generator=g)
+    embeds = ddpo.encode_prompts(pipe, ddpo.PROMPT_SETS["tiny_shapes"][:6]).detach()
+    with torch.no_grad():
+        eager = pipe.unet(x, t, embeds).sample
+        pipe.unet.compile()
+        compiled = pipe.unet(x, t, embeds).sample
+    assert pipe.unet._compiled_call_impl is not None  # the compiled path ran
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@slow
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from diffusers import StableDiffusionPipeline
+
+    g = torch.Generator().manual_seed(0)
+    x, t, emb = torch.randn(4, *TINY_LATENT, generator=g), torch.tensor([981, 501, 21, 1]), torch.randn(4, 32, 32, generator=g)
+    target = torch.randn(4, *TINY_LATENT, generator=g)
+    grads = {}
+    for checkpointing in (False, True):
+        unet = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None).unet
+        torch.manual_seed(0)  # the same LoRA initialisation both times
+        argv = ["--preset", "tiny", *LORA_CFG] + (["--gradient-checkpointing"] if checkpointing else [])
+        params = ddpo.setup_trainable(unet, ddpo.parse_args(argv))
+        unet.train()
+        # a checkpointed block's forward runs twice: in the forward pass and again in the backward
+        # (torch's recompute calls forward() but not module hooks, so count forward() itself)
+        block, calls = unet.up_blocks[1].resnets[0], []  # after LoRA layers, so gradients flow through it
+        block.forward = lambda *a, _forward=block.forward, **k: calls.append(1) or _forward(*a, **k)
+        ((unet(x, t, emb).sample - target) ** 2).mean().backward()
+        assert len(calls) == (2 if checkpointing else 1)
+        grads[checkpointing] = [p.grad for p in params]
+    scale = max(g.abs().max().item() for g in grads[False])
+    assert scale > 0
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * scale)
+
+
+@slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_exact_ratio_mode_makes_the_on_policy_ratio_exactly_one(lora):
+    """Sampling scores each step with ddim_step_with_logprob; training here through the fused kernel (the
+    interpreter): the same math, other float32 round-off, so the on-policy ratio is 1 only to ~2e-7
+    (measured). rescore_old_log_probs re-scores the sampled steps with the training forward itself (train
+    mode, autograd on, the same micro-batches), after which the first step's ratio is exactly 1, in fp32
+    and under bf16 autocast (measured on this CPU: bf16 autocast alone gives no deviation here, the GPU's
+    batch-size-dependent kernels do), without touching any gradient."""
+    from diffusers import StableDiffusionPipeline
+
+    for precision in ("no", "bf16"):
+        args = ddpo.parse_args(["--preset", "tiny", "--mixed-precision", precision,
+                                *(LORA_CFG if lora else ["--lora-rank", "0"])])
+        dtype, autocast = ddpo.precision(args, torch.device("cpu"))
+        pipe = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None, dtype=dtype)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.scheduler.set_timesteps(args.num_steps)
+        ddpo.select_unet_kernels(pipe.unet, torch.device("cpu"))
+        params = ddpo.setup_trainable(pipe.unet, args)
+        prompts = ddpo.PROMPT_SETS["tiny_shapes"]
+        embeds, uncond = ddpo.encode_prompts(pipe, prompts), ddpo.encode_prompts(pipe, [""])
+        pipe.unet.eval()
+        latents, log_probs = ddpo.sample_trajectories(pipe.unet, pipe.scheduler, embeds, uncond.expand(8, -1, -1),
+                                                      TINY_LATENT, args.guidance_scale, args.eta,
+                                                      torch.Generator().manual_seed(0), autocast)
+        samples = {"embeds": embeds, "latents": latents[:, :-1], "next_latents": latents[:, 1:],
+                   "log_probs": log_probs, "timesteps": pipe.scheduler.timesteps.repeat(8, 1),
+                   "advantages": torch.randn(8, generator=torch.Generator().manual_seed(2))}
+        pipe.unet.train()
+        import functools
+
+        loss_fn = functools.partial(ddpo.micro_batch_loss, pipe.unet, pipe.scheduler, uncond_embeds=uncond,
+                                    guidance_scale=args.guidance_scale, eta=args.eta, clip_range=args.clip_range,
+                                    adv_clip_max=args.adv_clip_max, fused=True, autocast=autocast)
+        plan = ddpo.training_plan(8, args.num_steps, 4, 1, 0.3, 6, torch.Generator().manual_seed(1))
+
+        def first_step_deviation(s):
+            return max((loss_fn(ddpo.gather_pairs(s, i, j))[2] - 1).abs().max().item() for i, j in plan[0])
+
+        rescored = ddpo.rescore_old_log_probs(loss_fn, samples, plan)
+        assert all(p.grad is None for p in params)  # a forward only: nothing to accumulate
+        assert 0 < first_step_deviation(samples) < 1e-5, precision
+        assert first_step_deviation(rescored) == 0, precision
+        changed = rescored["log_probs"] != samples["log_probs"]
+        kept = torch.zeros_like(changed)
+        for micro_batches in plan:
+            for i, j in micro_batches:
+                kept[i, j] = True
+        assert changed.any() and not (changed & ~kept).any()  # only the trained pairs are re-scored
+        torch.testing.assert_close(rescored["log_probs"], samples["log_probs"], rtol=1e-5, atol=1e-5)
+        assert all(rescored[k] is samples[k] for k in samples if k != "log_probs")
+
+
+# ======================================================================================================
+# 6. Whole runs of the script on the tiny model (slow)
+# ======================================================================================================
 def read_metrics(run_dir):
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [l for l in lines if "reward/mean" in l], [l for l in lines if "train/loss" in l]
-
-
-LORA_CFG = ["--lora-rank", "4", "--guidance-scale", "3", "--learning-rate", "3e-3"]
 
 
 @pytest.fixture(scope="module")
@@ -490,6 +1277,7 @@ def tiny_run(tmp_path_factory):
     return run_dir
 
 
+@slow
 def test_tiny_run_writes_the_run_directory(tiny_run):
     epochs, steps = read_metrics(tiny_run)
     assert [e["epoch"] for e in epochs] == [0, 1]
@@ -515,6 +1303,7 @@ def test_tiny_run_writes_the_run_directory(tiny_run):
     assert [p.name for p in ddpo.list_checkpoints(tiny_run)] == ["epoch_0002"]  # keep-checkpoints 1
 
 
+@slow
 def test_lora_checkpoint_loads_with_load_lora_weights_and_reproduces_the_trained_unet(tiny_run):
     from diffusers import StableDiffusionPipeline
 
@@ -541,39 +1330,7 @@ def test_lora_checkpoint_loads_with_load_lora_weights_and_reproduces_the_trained
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
 
 
-USER_REWARDS = """
-import torch
-
-calls = 0
-
-def mean_red(images, prompts):
-    return images[:, 0].mean(dim=(1, 2)), {"red": images[:, 0].mean(dim=(1, 2)).tolist()}
-
-def nan_reward(images, prompts):
-    return torch.full((len(images),), float("nan")), {}
-
-def wrong_shape(images, prompts):
-    return torch.zeros(len(images), 1), {}
-
-def raises(images, prompts):
-    raise ValueError("boom")
-
-def fails_in_epoch_1(images, prompts):  # 2 sampling batches per tiny epoch: call 3 is epoch 1's first
-    global calls
-    calls += 1
-    return torch.full((len(images),), float("nan") if calls == 3 else 1.0)
-"""
-
-
-@pytest.fixture
-def user_rewards(tmp_path, monkeypatch):
-    (tmp_path / "user_rewards.py").write_text(USER_REWARDS)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("user_rewards", None)
-    yield
-    sys.modules.pop("user_rewards", None)
-
-
+@slow
 def test_custom_and_weighted_rewards_end_to_end(user_rewards, tiny_clip, tiny_llava, tmp_path):
     weights = {"aesthetic": 1.0, "jpeg_compressibility": 0.05, "user_rewards:mean_red": 2.0}
     ddpo.main(["--preset", "tiny", "--num-epochs", "1", "--run-dir", str(tmp_path / "sum"), "--image-every", "1",
@@ -599,6 +1356,7 @@ def test_custom_and_weighted_rewards_end_to_end(user_rewards, tiny_clip, tiny_ll
     assert all(isinstance(row["answer"], str) and row["answer"] for row in rows)
 
 
+@slow
 def test_offload_frozen_moves_vae_and_text_encoder_only_for_their_calls(tmp_path, monkeypatch):
     """--offload-frozen: the VAE and the text encoder sit on the CPU and visit the device once per call.
     (On this CPU-only machine the device is the CPU too: the calls are checked, the memory saving is not.)"""
@@ -621,6 +1379,7 @@ def test_offload_frozen_moves_vae_and_text_encoder_only_for_their_calls(tmp_path
     assert a["reward/mean"] == b["reward/mean"] and a["train/loss_epoch_mean"] == b["train/loss_epoch_mean"]
 
 
+@slow
 def test_sample_command_renders_base_and_checkpoint_from_the_same_noise(tiny_run, tmp_path):
     """The base row and the checkpoint row equal diffusers' own pipeline (before and after
     load_lora_weights) run with the same prompts, seed, steps, eta and guidance: a second sampler."""
@@ -658,22 +1417,32 @@ def test_sample_command_renders_base_and_checkpoint_from_the_same_noise(tiny_run
     ("wrong_shape", "returned scores of shape (32, 1), expected (32,)"),
     ("raises", "raised ValueError: boom"),
 ])
+@slow
 def test_a_broken_reward_stops_the_run_with_a_clear_message(user_rewards, name, message, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         ddpo.main(["--preset", "tiny", "--reward", f"user_rewards:{name}", "--num-epochs", "1",
                    "--run-dir", str(tmp_path)])
     text = str(exit_info.value.code)
-    assert text.startswith("ddpo.py: error: ") and f"reward 'user_rewards:{name}'" in text and message in text
+    assert text.startswith("ddpo.py: stopped at epoch 0: ") and f"reward 'user_rewards:{name}'" in text
+    assert message in text and text.endswith("no checkpoint was written")
 
 
-def test_a_reward_failing_mid_run_keeps_the_epochs_done(user_rewards, tmp_path):
+@slow
+@pytest.mark.parametrize("name, message", [
+    ("fails_in_epoch_1", " returned nan for sample 0"),
+    ("vector_info_in_epoch_1", ": info['pixels'][0] is '["),  # extras are checked like the scores
+])
+def test_a_reward_failing_mid_run_keeps_the_epochs_done(user_rewards, tmp_path, name, message):
     with pytest.raises(SystemExit) as exit_info:
-        ddpo.main(["--preset", "tiny", "--reward", "user_rewards:fails_in_epoch_1", "--num-epochs", "3",
+        ddpo.main(["--preset", "tiny", "--reward", f"user_rewards:{name}", "--num-epochs", "3",
                    "--save-every", "100", "--run-dir", str(tmp_path)])
-    assert "Stopped at epoch 1" in str(exit_info.value.code)
+    text = str(exit_info.value.code)
+    assert text.startswith(f"ddpo.py: stopped at epoch 1: reward 'user_rewards:{name}'{message}"), text
+    assert text.endswith(f"latest checkpoint: {tmp_path / 'checkpoints' / 'epoch_0001'}")
     assert [p.name for p in ddpo.list_checkpoints(tmp_path)] == ["epoch_0001"]  # epoch 0's training kept
 
 
+@slow
 def test_brightness_learns_both_ways_beyond_the_shuffled_advantage_control(tmp_path):
     """Learning that no control can explain: the same seed with advantages shuffled across samples (no
     link between a sample and its reward) is the baseline, because any update moves this small model's
@@ -700,9 +1469,10 @@ def unet_weights(checkpoint):
     return UNet2DConditionModel.from_pretrained(checkpoint / "unet").state_dict()
 
 
+@slow
 def test_resume_is_exact(tmp_path):
     """4 epochs straight == 2 epochs, then --resume auto for 2 more: bitwise, weights and metrics."""
-    common = ["--preset", "tiny", "--image-every", "0", "--save-every", "2"]
+    common = ["--preset", "tiny", "--image-every", "0", "--save-every", "2", *SMALL_EPOCH]
     ddpo.main([*common, "--num-epochs", "4", "--run-dir", str(tmp_path / "straight")])
     ddpo.main([*common, "--num-epochs", "2", "--run-dir", str(tmp_path / "resumed")])
     ddpo.main([*common, "--num-epochs", "4", "--run-dir", str(tmp_path / "resumed"), "--resume", "auto"])
@@ -733,9 +1503,10 @@ class RecordingAdamW(torch.optim.AdamW):  # the weights before, the (averaged) g
         return result
 
 
-def recording_train(unet, scheduler, samples, *args, **kwargs):
-    epochs.append({k: v.detach().clone() for k, v in samples.items()})
-    return train_on_samples(unet, scheduler, samples, *args, **kwargs)
+def recording_step(loss_fn, samples, *args, **kwargs):  # each epoch's samples, once
+    if not epochs or epochs[-1]["_id"] != id(samples):
+        epochs.append({"_id": id(samples), **{k: v.detach().clone() for k, v in samples.items()}})
+    return optimizer_step(loss_fn, samples, *args, **kwargs)
 
 
 def recording_gather(obj):
@@ -745,14 +1516,15 @@ def recording_gather(obj):
     return result
 
 
-train_on_samples, all_gather_objects = ddpo.train_on_samples, ddpo.all_gather_objects
-ddpo.train_on_samples, ddpo.all_gather_objects = recording_train, recording_gather
+optimizer_step, all_gather_objects = ddpo.optimizer_step, ddpo.all_gather_objects
+ddpo.optimizer_step, ddpo.all_gather_objects = recording_step, recording_gather
 torch.optim.AdamW = RecordingAdamW
 ddpo.main(sys.argv[3:])
-torch.save({"steps": steps, "epochs": epochs, "gathers": gathers}, f"{sys.argv[2]}/rank{os.environ['RANK']}.pt")
+torch.save({"steps": steps, "epochs": [{k: v for k, v in e.items() if k != "_id"} for e in epochs], "gathers": gathers}, f"{sys.argv[2]}/rank{os.environ['RANK']}.pt")
 """
 
 
+@slow
 def test_torchrun_two_processes_agree_and_equal_one_process_on_the_global_batch(tmp_path):
     """torchrun --nproc_per_node 2 (gloo), 2 epochs of the tiny preset, each process 64 samples and one
     optimizer step per epoch over all their (sample, timestep) pairs. After every step the weights are
@@ -790,22 +1562,17 @@ def test_torchrun_two_processes_agree_and_equal_one_process_on_the_global_batch(
     pipe = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.scheduler.set_timesteps(args.num_steps)
-    ddpo.use_fast_kernels(pipe.unet, torch.device("cpu"))  # the kernels the ranks ran: only the average differs
-    params = ddpo.setup_trainable(pipe.unet, args)
+    ddpo.select_unet_kernels(pipe.unet, torch.device("cpu"))  # the kernels the ranks ran: only the average differs
+    ddpo.setup_trainable(pipe.unet, args)
     uncond = ddpo.encode_prompts(pipe, [""]).detach()
     single = dataclasses.replace(args, train_batch_size=2 * args.train_batch_size)  # the global batch, one step
     for epoch in range(2):
         with torch.no_grad():
-            for p, w in zip(params, r0["steps"][epoch]["before"]):
+            for p, w in zip([p for p in pipe.unet.parameters() if p.requires_grad], r0["steps"][epoch]["before"]):
                 p.copy_(w)
         samples = {k: torch.cat([r0["epochs"][epoch][k], r1["epochs"][epoch][k]]) for k in r0["epochs"][epoch]}
-        optimizer = torch.optim.SGD(params, lr=0.0)
-        grads = []
-        optimizer.step = lambda: grads.append([p.grad.clone() for p in params])
         pipe.unet.train()
-        ddpo.train_on_samples(pipe.unet, pipe.scheduler, samples, uncond, optimizer, params,
-                              torch.amp.GradScaler("cpu", enabled=False), single, torch.Generator().manual_seed(0),
-                              contextlib.nullcontext, lambda m: None)
+        _, grads = step_gradients(pipe, samples, uncond, single, torch.Generator().manual_seed(0))
         averaged = r0["steps"][epoch]["grads"]
         scale = max(g.abs().max().item() for g in averaged)
         assert len(grads) == 1 and scale > 0
@@ -841,9 +1608,11 @@ ddpo.main(sys.argv[2:])
 """
 
 
+@slow
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, capsys):
     run = tmp_path / "run"
-    flags = ["--preset", "tiny", "--num-epochs", "3", "--save-every", "1", "--image-every", "0", "--run-dir", str(run)]
+    flags = ["--preset", "tiny", "--num-epochs", "3", "--save-every", "1", "--image-every", "0", *SMALL_EPOCH,
+             "--run-dir", str(run)]
     out = subprocess.run([sys.executable, "-c", KILL_SCRIPT, os.path.dirname(os.path.abspath(__file__)), *flags],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == -9, out.stderr[-2000:]  # killed, mid-write of epoch_0002
@@ -857,6 +1626,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, cap
     assert not (run / "checkpoints" / "epoch_0002.tmp").exists()
 
 
+@slow
 def test_resume_refuses_a_config_that_changes_the_state(tmp_path):
     ddpo.main(["--preset", "tiny", "--num-epochs", "1", "--image-every", "0", "--run-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="cannot resume .* train_batch_size 16 -> 8"):
@@ -864,6 +1634,7 @@ def test_resume_refuses_a_config_that_changes_the_state(tmp_path):
                    "--resume", "auto"])
 
 
+@slow
 def test_bf16_lora_run_keeps_trainable_weights_fp32(tmp_path, monkeypatch):
     seen = {}
     original = ddpo.setup_trainable
@@ -876,414 +1647,168 @@ def test_bf16_lora_run_keeps_trainable_weights_fp32(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ddpo, "setup_trainable", spy)
     ddpo.main(["--preset", "tiny", *LORA_CFG, "--mixed-precision", "bf16", "--num-epochs", "1", "--image-every", "0",
-               "--run-dir", str(tmp_path)])
+               *SMALL_EPOCH, "--run-dir", str(tmp_path)])
     assert seen == {"trainable": {torch.float32}, "frozen": {torch.bfloat16}}
     epochs, steps = read_metrics(tmp_path)
     assert len(epochs) == 1 and all(math.isfinite(s["train/loss"]) for s in steps)
+    assert epochs[0]["train/ratio_dev_onpolicy"] == 0  # --exact-ratio auto: on in bf16
 
 
-def test_unreachable_hub_id_gives_a_clear_error(tmp_path):
+# ======================================================================================================
+# 7. Nothing lost, nothing silently wrong: stopping, diverging, overwriting, damaged files (slow)
+# ======================================================================================================
+TINY_QUICK = ["--preset", "tiny", "--image-every", "0", "--save-every", "1", *SMALL_EPOCH]
+
+
+def strict_json_lines(path):
+    """Every line of a metrics file, parsed as strict JSON (NaN or Infinity tokens are an error)."""
+    def no_constants(token):
+        raise ValueError(f"{token} is not JSON")
+
+    return [json.loads(line, parse_constant=no_constants) for line in path.read_text().splitlines()]
+
+
+@slow
+def test_overwrite_replaces_a_run_and_resume_auto_continues_only_the_new_one(tmp_path):
+    """The issue's sequence: 3 epochs, then a fresh 1-epoch run with another seed in the same directory
+    (refused without --overwrite), then --resume auto: it continues the new run, not the old one."""
+    run = str(tmp_path / "run")
+    ddpo.main([*TINY_QUICK, "--num-epochs", "3", "--run-dir", run])
+    with pytest.raises(SystemExit, match="already holds a run"):
+        ddpo.main([*TINY_QUICK, "--num-epochs", "1", "--seed", "7", "--run-dir", run])
+    ddpo.main([*TINY_QUICK, "--num-epochs", "1", "--seed", "7", "--run-dir", run, "--overwrite"])
+    assert [p.name for p in ddpo.list_checkpoints(run)] == ["epoch_0001"]
+    assert [r["epoch"] for r in strict_json_lines(tmp_path / "run" / "metrics.jsonl") if "reward/mean" in r] == [0]
+    ddpo.main([*TINY_QUICK, "--num-epochs", "2", "--seed", "7", "--run-dir", run, "--resume", "auto"])
+    epochs = [r["epoch"] for r in strict_json_lines(tmp_path / "run" / "metrics.jsonl") if "reward/mean" in r]
+    assert epochs == [0, 1] and json.loads((tmp_path / "run" / "config.json").read_text())["seed"] == 7
+
+
+@slow
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    """An absurd learning rate on resume (1e30) makes the weights explode within an epoch: the run stops
+    with one line naming the epoch and step, writes no non-finite metric, and its last checkpoint stays
+    the good one of epoch 1."""
+    run = tmp_path / "run"
+    flags = ["--preset", "tiny", "--image-every", "0", "--save-every", "1", "--run-dir", str(run)]  # 4 steps an epoch
+    ddpo.main([*flags, "--num-epochs", "1"])
+    good = unet_weights(run / "checkpoints" / "epoch_0001")
     with pytest.raises(SystemExit) as exit_info:
-        ddpo.main(["--model", "ddpo-tests/no-such-model", "--num-epochs", "1", "--run-dir", str(tmp_path / "run")])
+        ddpo.main([*flags, "--num-epochs", "3", "--resume", "auto", "--learning-rate", "1e30"])
     text = str(exit_info.value.code)
-    assert text.startswith("ddpo.py: error: could not load --model 'ddpo-tests/no-such-model'")
-    assert "--model tiny" in text and "\n" not in text and not (tmp_path / "run").exists()
+    assert re.match(r"ddpo.py: stopped at epoch 1: diverged: the (loss|gradient norm|weights) became non-finite "
+                    r"at epoch 1, step \d+ ", text), text
+    assert text.endswith(f"latest checkpoint: {run / 'checkpoints' / 'epoch_0001'}") and "\n" not in text
+    assert [p.name for p in ddpo.list_checkpoints(run)] == ["epoch_0001"]
+    kept = unet_weights(run / "checkpoints" / "epoch_0001")
+    assert all(torch.equal(good[k], kept[k]) and torch.isfinite(kept[k]).all() for k in good)
+    rows = strict_json_lines(run / "metrics.jsonl")  # valid JSON, all finite
+    assert all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
 
 
-
-# ------------------------------------------------------------------------------------------------------
-# kernels.py: the fused Triton kernels (interpreter) and their reference against float64
-# ------------------------------------------------------------------------------------------------------
-def kernel_case(prediction_type, shape, dtype, cfg, seed=3, w=5.0):
-    """Random inputs for ddim_logprob_ratio, with x_prev drawn from the policy (so log p is realistic), and
-    the float64 truth: log p, ratio and their gradients with respect to both noise predictions under a
-    random upstream gradient, from reference_step64 (the notes' formulas, per sample, float64)."""
-    scheduler = sd_scheduler(prediction_type=prediction_type)
-    g = torch.Generator().manual_seed(seed)
-    B = shape[0]
-    t = scheduler.timesteps[torch.randint(len(scheduler.timesteps), (B,), generator=g)]
-    t[0] = scheduler.timesteps[-1]  # always include the last step, where std is smallest
-    cond, uncond = (torch.randn(shape, generator=g).to(dtype) for _ in range(2))
-    x_t = torch.randn(shape, generator=g)
-    c64, u64 = cond.double().requires_grad_(), uncond.double().requires_grad_()
-    guided64 = u64 + w * (c64 - u64) if cfg else c64
-    x_prev, _ = ddpo.ddim_step_with_logprob(scheduler, guided64.detach(), t, x_t, generator=g)
-    _, _, logp64 = reference_step64(scheduler, guided64, t, x_t, x_prev, 1.0)
-    old = (logp64.detach() + 0.01 * torch.randn(B, generator=g, dtype=torch.float64)).float()
-    ratio64 = torch.exp(logp64 - old.double())
-    up_logp, up_ratio = torch.randn(B, generator=g), torch.randn(B, generator=g)
-    (logp64 * up_logp.double() + ratio64 * up_ratio.double()).sum().backward()
-    truth = dict(logp=logp64.detach(), ratio=ratio64.detach(), grad_c=c64.grad, grad_u=u64.grad if cfg else None)
-    inputs = dict(scheduler=scheduler, cond=cond, uncond=uncond if cfg else None, w=w, t=t, x_t=x_t,
-                  x_prev=x_prev, old=old, up=(up_logp, up_ratio))
-    return inputs, truth
+@slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_a_hanging_reward_saves_the_epoch_and_exits_at_once(user_rewards, tmp_path, sig, code):
+    """SIGTERM (timeout, kill, job schedulers) and SIGINT (Ctrl-C) while the reward of epoch 1 hangs: the
+    process exits within seconds with one line and no traceback, after saving epoch 1's starting state."""
+    run, marker = tmp_path / "run", tmp_path / "hanging"
+    env = {**os.environ, "HANG_MARKER": str(marker), "PYTHONPATH": os.pathsep.join([HERE, str(user_rewards)])}
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "ddpo.py"), "--preset", "tiny", "--reward",
+                             "user_rewards:hangs_in_epoch_1", "--num-epochs", "3", "--save-every", "100",
+                             "--image-every", "0", "--run-dir", str(run)], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), proc.communicate()[1][-3000:]
+    sent = time.time()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - sent < 20  # not the reward's 120 s
+    assert proc.returncode == code, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("epoch")]
+    assert "Traceback" not in err and lines[-1] == (
+        f"ddpo.py: stopped at epoch 1: interrupted ({sig.name}). latest checkpoint: {run / 'checkpoints' / 'epoch_0001'}")
+    assert [p.name for p in ddpo.list_checkpoints(run)] == ["epoch_0001"]
 
 
-def run_fused(inputs, fused, transform=lambda x: x):
-    cond = transform(inputs["cond"]).requires_grad_()
-    uncond = None if inputs["uncond"] is None else transform(inputs["uncond"]).requires_grad_()
-    logp, ratio = kernels.ddim_logprob_ratio(inputs["scheduler"], cond, uncond, inputs["w"], inputs["t"],
-                                             transform(inputs["x_t"]), transform(inputs["x_prev"]), inputs["old"],
-                                             fused=fused)
-    up_logp, up_ratio = inputs["up"]
-    (logp * up_logp + ratio * up_ratio).sum().backward()
-    return logp, ratio, cond.grad, None if uncond is None else uncond.grad
+@slow
+def test_a_full_disk_while_checkpointing_stops_with_one_line_and_keeps_the_previous(tmp_path, monkeypatch):
+    real_save, saves = torch.save, []
+
+    def save(obj, path, *args, **kwargs):  # the second checkpoint's state file does not fit
+        if str(path).endswith("trainer_state.pt"):
+            saves.append(path)
+            if len(saves) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        ddpo.main([*TINY_QUICK, "--num-epochs", "3", "--run-dir", str(run)])
+    text = str(exit_info.value.code)
+    assert text == (f"ddpo.py: stopped at epoch 1: could not write checkpoint {run / 'checkpoints' / 'epoch_0002'} "
+                    f"(No space left on device). latest checkpoint: {run / 'checkpoints' / 'epoch_0001'}")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_0001"]  # no half-written .tmp
 
 
-# Tolerances. fp32: 1e-5 relative for log p and ratio. The gradient is proportional to x_prev - mu, a
-# difference of O(std) (0.02 at the last step) between O(1) numbers, so float32 leaves an absolute error of
-# about eps32 |x| / std ~ 3e-6 of the gradient's scale: gradients are checked to 1e-5 of their scale.
-# bf16/fp16 inputs: the truth is computed from the same rounded inputs, so log p and ratio still meet 1e-5
-# (all arithmetic is float32); the gradients are returned in the input dtype. fp16: round to nearest, at
-# most 2^-11 relative. bf16: the Triton 3.9 interpreter converts float32 -> bf16 by truncation (its
-# cast_impl ignores rounding modes), one ulp = 2^-7 relative at worst; compiled code rounds to nearest,
-# which the AOT test checks in the PTX (cvt.rn.bf16.f32).
-GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-11}
-
-
-def assert_matches_truth(result, truth, dtype):
-    logp, ratio, grad_c, grad_u = result
-    assert logp.dtype == ratio.dtype == torch.float32
-    torch.testing.assert_close(logp.double(), truth["logp"], rtol=1e-5, atol=0)
-    torch.testing.assert_close(ratio.double(), truth["ratio"], rtol=1e-5, atol=0)
-    assert grad_c.dtype == dtype
-    scale = truth["grad_c"].abs().max().item()
-    for got, want in ((grad_c, truth["grad_c"]), (grad_u, truth["grad_u"])):
-        if want is None:
-            assert got is None
-            continue
-        torch.testing.assert_close(got.double(), want, rtol=GRAD_RTOL[dtype], atol=1e-5 * scale)
-
-
-KERNEL_SHAPES = [(3, 4, 17, 23), (2, 4, 8, 8), (1, 4, 64, 64)]  # odd; N < BLOCK; SD's N = 16384 > BLOCK
-
-
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("cfg", [True, False])
-@pytest.mark.parametrize("shape", KERNEL_SHAPES)
-@pytest.mark.parametrize("fused", [True, False], ids=["triton", "reference"])
-def test_kernel_matches_float64_formulas_and_gradients(prediction_type, cfg, shape, fused):
-    inputs, truth = kernel_case(prediction_type, shape, torch.float32, cfg)
-    assert_matches_truth(run_fused(inputs, fused), truth, torch.float32)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("cfg", [True, False])
-def test_kernel_half_precision_inputs(dtype, cfg):
-    inputs, truth = kernel_case("epsilon", (3, 4, 17, 23), dtype, cfg)
-    assert_matches_truth(run_fused(inputs, True), truth, dtype)
-
-
-def test_kernel_non_contiguous_inputs_are_read_correctly():
-    inputs, truth = kernel_case("epsilon", (3, 4, 17, 23), torch.float32, True)
-    # the same logical tensors, stored transposed: (B, C, W, H) memory viewed as (B, C, H, W)
-    non_contiguous = lambda x: x.transpose(2, 3).contiguous().transpose(2, 3)
-    assert not non_contiguous(inputs["cond"]).is_contiguous()
-    assert_matches_truth(run_fused(inputs, True, non_contiguous), truth, torch.float32)
-
-
-def test_kernel_writes_every_output_element(monkeypatch):
-    """Outputs are allocated with torch.empty(_like): poison them with NaN; the kernels must overwrite all."""
-    inputs, truth = kernel_case("v_prediction", (3, 4, 17, 23), torch.float32, True)
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: real_empty_like(*a, **k).fill_(float("nan")))
-    result = run_fused(inputs, True)
-    assert all(torch.isfinite(r).all() for r in result)
-    assert_matches_truth(result, truth, torch.float32)
-
-
-def test_kernel_rejects_bad_inputs_clearly():
-    inputs, _ = kernel_case("epsilon", (2, 4, 8, 8), torch.float32, True)
-    with pytest.raises(ValueError, match="noise_pred_uncond has shape"):
-        kernels.ddim_logprob_ratio(inputs["scheduler"], inputs["cond"], inputs["uncond"][:, :2], 5.0, inputs["t"],
-                                   inputs["x_t"], inputs["x_prev"], inputs["old"], fused=True)
-    table = kernels.coefficient_table(inputs["scheduler"], 1.0, "cpu")
-    with pytest.raises(TypeError, match="sample must be float32"):
-        kernels.fused_forward(inputs["cond"], None, 1.0, table, inputs["t"], inputs["x_t"].double(), inputs["x_prev"],
-                              inputs["old"])
-    with pytest.raises(TypeError, match="timesteps must be int64"):
-        kernels.fused_forward(inputs["cond"], None, 1.0, table, inputs["t"].int(), inputs["x_t"], inputs["x_prev"],
-                              inputs["old"])
-
-
-def test_kernel_falls_back_visibly_for_clip_sample():
-    inputs, _ = kernel_case("epsilon", (2, 4, 8, 8), torch.float32, False)
-    scheduler = DDIMScheduler.from_config({**inputs["scheduler"].config, "clip_sample": True})
-    scheduler.set_timesteps(50)
-    kernels._warned.clear()
-    with pytest.warns(UserWarning, match="does not do clip_sample"):
-        logp, _ = kernels.ddim_logprob_ratio(scheduler, inputs["cond"], None, 1.0, inputs["t"], inputs["x_t"],
-                                             inputs["x_prev"], inputs["old"], fused=True)
-    _, expected = ddpo.ddim_step_with_logprob(scheduler, inputs["cond"], inputs["t"], inputs["x_t"],
-                                              prev_sample=inputs["x_prev"])
-    torch.testing.assert_close(logp, expected, rtol=0, atol=0)
-
-
-AOT_SCRIPT = """
-import json, os, re, subprocess, sys, tempfile, torch, triton, kernels
-arch = int(sys.argv[1])
-from triton.backends.nvidia.compiler import get_ptxas
-ptxas = get_ptxas(arch).path  # the ptxas triton itself assembles this arch with (shipped in the wheel)
-report = []
-for dtype in (torch.float32, torch.bfloat16, torch.float16):
-    for cfg in (True, False):
-        for name, k in kernels.compile_for_gpu(arch, dtype, cfg).items():
-            ptx = k.asm["ptx"]
-            target = re.search(r"\\.target (sm_\\w+)", ptx).group(1)
-            with tempfile.TemporaryDirectory() as d:
-                open(d + "/k.ptx", "w").write(ptx)
-                out = subprocess.run([ptxas, "-arch=" + target, "-v", d + "/k.ptx", "-o", d + "/k.cubin"],
-                                     capture_output=True, text=True, check=True).stderr
-            report.append(dict(kernel=name, dtype=str(dtype), cfg=cfg, target=target, cubin=len(k.asm["cubin"]),
-                               spills=re.findall(r"(\\d+) bytes spill stores, (\\d+) bytes spill loads", out),
-                               rounds_bf16="cvt.rn.bf16.f32" in ptx, ptxas=out))
-print(json.dumps(report))
-"""
-
-
-@pytest.mark.parametrize("arch", [80, 90])
-def test_aot_compiles_for_a100_and_h100_without_spills(arch):
-    """Both kernels, every dtype ddpo.py uses, with and without CFG, compiled ahead of time for sm_80 and
-    sm_90 in a clean process (no interpreter); ptxas from the triton wheel reports zero spills."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", AOT_SCRIPT, str(arch)], capture_output=True, text=True, env=env,
-                         cwd=os.path.dirname(os.path.abspath(__file__)), timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(report) == 3 * 2 * 2
-    for r in report:
-        assert r["target"].startswith(f"sm_{arch}") and r["cubin"] > 1000, r
-        assert r["spills"] and all(s == ["0", "0"] for s in r["spills"]), r["ptxas"]
-        if "bfloat16" in r["dtype"] and r["kernel"] == "ddim_logprob_bwd_kernel":
-            assert r["rounds_bf16"], "bf16 gradients must be rounded to nearest, not truncated"
-
-
-def test_training_step_through_the_kernel_equals_the_reference(monkeypatch):
-    """One LoRA + CFG training step: the loss and the LoRA gradients through the fused kernel
-    (interpreter) and through ddim_step_with_logprob agree to float32 round-off."""
-    from diffusers import StableDiffusionPipeline
-
-    args = ddpo.parse_args(["--preset", "tiny", *LORA_CFG])
-    pipe = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None)
-    params = ddpo.setup_trainable(pipe.unet, args)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.scheduler.set_timesteps(args.num_steps)
-    prompts = ddpo.PROMPT_SETS["tiny_shapes"][:4]
-    embeds, uncond = ddpo.encode_prompts(pipe, prompts), ddpo.encode_prompts(pipe, [""])
-    g = torch.Generator().manual_seed(0)
-    latents, log_probs = ddpo.sample_trajectories(pipe.unet, pipe.scheduler, embeds, uncond.expand(4, -1, -1),
-                                                  TINY_LATENT, args, g, contextlib.nullcontext)
-    samples = {"embeds": embeds, "latents": latents[:, :-1], "next_latents": latents[:, 1:], "log_probs": log_probs,
-               "timesteps": pipe.scheduler.timesteps.repeat(4, 1), "advantages": torch.tensor([1.0, -0.5, 2.0, -2.5])}
-    args = dataclasses.replace(args, train_batch_size=4, gradient_accumulation_steps=1, timestep_fraction=0.3)
-    results = {}
-    for fused in (True, False):
-        optimizer = torch.optim.SGD(params, lr=0.0)  # lr 0: look at the gradients, keep the weights
-        grads, losses = [], []
-        optimizer.step = lambda: grads.append([p.grad.clone() for p in params])
-        ddpo.train_on_samples(pipe.unet, pipe.scheduler, samples, uncond, optimizer, params,
-                              torch.amp.GradScaler("cpu", enabled=False), args, torch.Generator().manual_seed(1),
-                              contextlib.nullcontext, lambda m: losses.append(m["train/loss"]), fused=fused)
-        results[fused] = (losses, grads)
-    (loss_k, grads_k), (loss_r, grads_r) = results[True], results[False]
-    assert loss_k == pytest.approx(loss_r, rel=1e-5, abs=1e-7)
-    scale = max(g.abs().max().item() for g in grads_r[0])
-    assert scale > 0
-    for a, b in zip(grads_k[0], grads_r[0]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
-
-
-def test_packed_micro_batches_give_the_one_timestep_at_a_time_gradient():
-    """One optimizer step (2 accumulated batches of 4, 3 of 6 time slots kept: P = 24 pairs) packed into UNet
-    calls of 7 pairs (7 + 7 + 7 + 3, mixing samples and timesteps) gives the gradient of the published order,
-    written out here: for each batch, for each kept slot, one UNet call on the batch, loss / (slots * batches)."""
-    from diffusers import StableDiffusionPipeline
-
-    args = ddpo.parse_args(["--preset", "tiny", *LORA_CFG, "--num-steps", "6"])
-    args = dataclasses.replace(args, train_batch_size=4, gradient_accumulation_steps=2, timestep_fraction=0.5,
-                               max_grad_norm=float("inf"))
-    pipe = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None)
-    params = ddpo.setup_trainable(pipe.unet, args)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.scheduler.set_timesteps(args.num_steps)
-    N, T, T_train = 8, 6, 3
-    prompts = ddpo.PROMPT_SETS["tiny_shapes"][:N]
-    embeds, uncond = ddpo.encode_prompts(pipe, prompts), ddpo.encode_prompts(pipe, [""])
-    latents, log_probs = ddpo.sample_trajectories(pipe.unet, pipe.scheduler, embeds, uncond.expand(N, -1, -1),
-                                                  TINY_LATENT, args, torch.Generator().manual_seed(0),
-                                                  contextlib.nullcontext)
-    samples = {"embeds": embeds, "latents": latents[:, :-1], "next_latents": latents[:, 1:], "log_probs": log_probs,
-               "timesteps": pipe.scheduler.timesteps.repeat(N, 1),
-               "advantages": torch.randn(N, generator=torch.Generator().manual_seed(2))}
-    # The reference: the same shuffles (same generator, same draws), then the one-timestep-at-a-time loop.
-    g = torch.Generator().manual_seed(1)
-    perm = torch.randperm(N, generator=g)
-    time_perm = torch.stack([torch.randperm(T, generator=g) for _ in range(N)])
-    s = {k: v[perm] for k, v in samples.items()}
-    for key in ("timesteps", "latents", "next_latents", "log_probs"):
-        s[key] = s[key][torch.arange(N)[:, None], time_perm]
-    for b in range(2):
-        rows = slice(4 * b, 4 * b + 4)
-        for j in range(T_train):
-            eps_c, eps_u = ddpo.noise_preds(pipe.unet, s["latents"][rows, j], s["timesteps"][rows, j],
-                                            s["embeds"][rows], uncond.expand(4, -1, -1), args.guidance_scale)
-            _, log_prob = ddpo.ddim_step_with_logprob(pipe.scheduler, ddpo.guide(eps_c, eps_u, args.guidance_scale),
-                                                      s["timesteps"][rows, j], s["latents"][rows, j], eta=args.eta,
-                                                      prev_sample=s["next_latents"][rows, j])
-            loss, _ = ddpo.ddpo_loss(log_prob, s["log_probs"][rows, j], s["advantages"][rows], args.clip_range,
-                                     args.adv_clip_max)
-            (loss / (T_train * 2)).backward()
-    expected = [p.grad.clone() for p in params]
-    for p in params:
-        p.grad = None
-
-    calls = []
-    hook = pipe.unet.register_forward_pre_hook(lambda module, inputs: calls.append(len(inputs[0])))
-    for fused in (False, True):
-        calls.clear()
-        optimizer = torch.optim.SGD(params, lr=0.0)  # lr 0: look at the gradients, keep the weights
-        grads = []
-        optimizer.step = lambda: grads.append([p.grad.clone() for p in params])
-        ddpo.train_on_samples(pipe.unet, pipe.scheduler, samples, uncond, optimizer, params,
-                              torch.amp.GradScaler("cpu", enabled=False), dataclasses.replace(args, train_micro_batch=7),
-                              torch.Generator().manual_seed(1), contextlib.nullcontext, lambda m: None, fused=fused)
-        assert calls == [14, 14, 14, 6]  # 7, 7, 7, 3 pairs, doubled by CFG: packed as asked
-        assert len(grads) == 1
-        scale = max(e.abs().max().item() for e in expected)
-        assert scale > 0
-        for got, want in zip(grads[0], expected):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale)
-    hook.remove()
-
-
-def test_channels_last_unet_computes_the_same():
-    """The UNet runs channels-last (use_fast_kernels, every device): the same outputs, and the fused kernel reads
-    its NHWC output."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None)
-    g = torch.Generator().manual_seed(0)
-    x, t = torch.randn(3, *TINY_LATENT, generator=g), torch.tensor([901, 501, 1])
-    embeds = ddpo.encode_prompts(pipe, ddpo.PROMPT_SETS["tiny_shapes"][:3]).detach()
-    with torch.no_grad():
-        nchw = pipe.unet(x, t, embeds).sample
-        pipe.unet.to(memory_format=torch.channels_last)
-        nhwc = pipe.unet(x, t, embeds).sample
-    assert nhwc.is_contiguous(memory_format=torch.channels_last) and not nhwc.is_contiguous()
-    torch.testing.assert_close(nhwc, nchw, rtol=1e-5, atol=1e-5)
-    scheduler = sd_scheduler(10)
-    tt = scheduler.timesteps[[0, 4, 9]]
-    prev, old = torch.randn(3, *TINY_LATENT, generator=g), torch.zeros(3)
-    a = kernels.ddim_logprob_ratio(scheduler, nhwc, None, 1.0, tt, x, prev, old, eta=1.0, fused=True)[0]
-    b = kernels.ddim_logprob_ratio(scheduler, nhwc.contiguous(), None, 1.0, tt, x, prev, old, eta=1.0, fused=True)[0]
-    assert torch.equal(a, b)
-
-
-def test_compile_gives_the_same_unet_outputs():
-    """--compile (torch.compile through inductor, here generating CPU code) computes what eager does.
-    One shape only: compiling the tiny LoRA UNet takes ~55 s on this 2-core machine."""
-    from diffusers import StableDiffusionPipeline
-
-    args = ddpo.parse_args(["--preset", "tiny", *LORA_CFG])
-    pipe = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None)
-    ddpo.setup_trainable(pipe.unet, args)
-    g = torch.Generator().manual_seed(0)
-    x, t = torch.randn(6, *TINY_LATENT, generator=g), torch.randint(0, 1000, (6,), generator=g)
-    embeds = ddpo.encode_prompts(pipe, ddpo.PROMPT_SETS["tiny_shapes"][:6]).detach()
-    with torch.no_grad():
-        eager = pipe.unet(x, t, embeds).sample
-        pipe.unet.compile()
-        compiled = pipe.unet(x, t, embeds).sample
-    assert pipe.unet._compiled_call_impl is not None  # the compiled path ran
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-
-
-def test_kernels_script_checks_and_counts(capsys):
-    """`python kernels.py`: fused == reference at an SD shape, and one launch each way against eager's dozens."""
-    kernels.main()
+@slow
+def test_resume_auto_after_a_damaged_checkpoint_and_a_cut_metrics_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    ddpo.main([*TINY_QUICK, "--num-epochs", "2", "--run-dir", str(run)])
+    (run / "checkpoints" / "epoch_0002" / "trainer_state.pt").write_bytes(b"\x80\x02 cut")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 1, "step": 9, "train/lo')
+    capsys.readouterr()
+    ddpo.main([*TINY_QUICK, "--num-epochs", "3", "--run-dir", str(run), "--resume", "auto"])
     out = capsys.readouterr().out
-    diffs = [float(d) for d in re.findall(r"max \|fused - reference\| = (\S+)", out)]
-    assert len(diffs) == 4 and max(diffs) < 1e-5, out
-    rows = re.findall(r"^\s*(\d+)\s+([\d.]+) MB\s+(\d+) launches\s+([\d.]+) MB\s+(\d+) launches\s+([\d.]+) MB\s+1 launches"
-                      r"\s+([\d.]+) MB\s+2 launches", out, re.M)
-    assert [int(r[0]) for r in rows] == [1, 2, 4, 8, 16], out
-    for B, eager_f, launches_f, eager_fb, launches_fb, fused_f, fused_fb in rows:
-        assert float(eager_f) > 5 * float(fused_f) and float(eager_fb) > 5 * float(fused_fb)
-        assert int(launches_f) > 10 and int(launches_fb) > int(launches_f)
+    assert f"skipping {run / 'checkpoints' / 'epoch_0002'}: checkpoint" in out
+    assert f"resumed from {run / 'checkpoints' / 'epoch_0001'} at epoch 1" in out and "dropped 1 damaged line" in out
+    epochs = [r["epoch"] for r in strict_json_lines(run / "metrics.jsonl") if "reward/mean" in r]
+    assert epochs == [0, 1, 2]
 
 
-
-def test_gradient_checkpointing_gives_the_same_gradients():
-    from diffusers import StableDiffusionPipeline
-
-    g = torch.Generator().manual_seed(0)
-    x, t, emb = torch.randn(4, *TINY_LATENT, generator=g), torch.tensor([981, 501, 21, 1]), torch.randn(4, 32, 32, generator=g)
-    target = torch.randn(4, *TINY_LATENT, generator=g)
-    grads = {}
-    for checkpointing in (False, True):
-        unet = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None).unet
-        torch.manual_seed(0)  # the same LoRA initialisation both times
-        argv = ["--preset", "tiny", *LORA_CFG] + (["--gradient-checkpointing"] if checkpointing else [])
-        params = ddpo.setup_trainable(unet, ddpo.parse_args(argv))
-        unet.train()
-        # a checkpointed block's forward runs twice: in the forward pass and again in the backward
-        # (torch's recompute calls forward() but not module hooks, so count forward() itself)
-        block, calls = unet.up_blocks[1].resnets[0], []  # after LoRA layers, so gradients flow through it
-        block.forward = lambda *a, _forward=block.forward, **k: calls.append(1) or _forward(*a, **k)
-        ((unet(x, t, emb).sample - target) ** 2).mean().backward()
-        assert len(calls) == (2 if checkpointing else 1)
-        grads[checkpointing] = [p.grad for p in params]
-    scale = max(g.abs().max().item() for g in grads[False])
-    assert scale > 0
-    for a, b in zip(grads[False], grads[True]):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * scale)
+@slow
+def test_exact_ratio_and_the_on_policy_warning_in_a_run(tmp_path, capsys):
+    """Through the fused kernel (the interpreter) the on-policy ratio differs from 1 by float32 round-off;
+    --exact-ratio on makes it exactly 1 in every epoch. With a clip range so small that round-off exceeds
+    a tenth of it, the run warns once, with the numbers and the remedy."""
+    kernel = ["--fused-kernel", "on", *SMALL_EPOCH]
+    ddpo.main([*TINY_QUICK, *kernel, "--num-epochs", "2", "--run-dir", str(tmp_path / "exact"), "--exact-ratio", "on"])
+    epochs, _ = read_metrics(tmp_path / "exact")
+    assert [e["train/ratio_dev_onpolicy"] for e in epochs] == [0.0, 0.0]
+    capsys.readouterr()
+    ddpo.main([*TINY_QUICK, *kernel, "--num-epochs", "2", "--run-dir", str(tmp_path / "noisy"), "--clip-range", "1e-7"])
+    epochs, _ = read_metrics(tmp_path / "noisy")
+    assert all(0 < e["train/ratio_dev_onpolicy"] < 1e-5 for e in epochs)
+    warnings_ = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: on-policy")]
+    assert len(warnings_) == 1 and "exceeds 0.1 x --clip-range 1e-07" in warnings_[0]
+    assert "--exact-ratio on" in warnings_[0]
 
 
-# ------------------------------------------------------------------------------------------------------
-# Not a test: the README's memory numbers for Stable Diffusion v1.5's UNet (its architecture, random
-# weights, built offline) on the CPU. python test_ddpo.py sd-memory
-# ------------------------------------------------------------------------------------------------------
-def sd15_microstep(batch, checkpointing):
-    """One LoRA (r4) + CFG training micro-step at 256x256 (32x32 latents), fp32, on the CPU; returns the
-    resident-memory high-water mark of the step above what was resident before it (GB) and its seconds."""
-    import time
+@slow
+def test_compile_does_not_recompile_after_the_first_epoch(tmp_path, monkeypatch):
+    """--compile: every graph the run needs (sampling in eval mode without autograd, training micro-batches
+    with it) is compiled in the first epoch; the second compiles nothing. Dynamo's guards and recompiles do
+    not depend on the device or the backend, so this counts them with the 'eager' backend (tracing only,
+    no code generation) on the CPU."""
+    import torch._dynamo
 
-    from diffusers import UNet2DConditionModel
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: real_compile(fn, *a, **{**k, "backend": "eager"}))
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = []
+    real_end_epoch = ddpo.Run.end_epoch
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the SD v1.x config values
-    args = ddpo.parse_args(["--lora-rank", "4", "--mixed-precision", "no", "--guidance-scale", "5",
-                            *(["--gradient-checkpointing"] if checkpointing else [])])
-    params = ddpo.setup_trainable(unet, args)
-    unet.train()
-    scheduler = sd_scheduler()
-    x, prev = torch.randn(batch, 4, 32, 32), torch.randn(batch, 4, 32, 32)
-    t = scheduler.timesteps[torch.full((batch,), 10)]
-    embeds, uncond = torch.randn(batch, 77, 768), torch.randn(1, 77, 768).expand(batch, -1, -1)
+    def end_epoch(self, epoch, *args):
+        compiled.append((counters["stats"]["unique_graphs"], counters["frames"]["total"]))  # graphs, compilations
+        return real_end_epoch(self, epoch, *args)
 
-    def kb(field):
-        return int(re.search(rf"{field}:\s+(\d+) kB", open("/proc/self/status").read()).group(1))
-
-    before = kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the high-water mark VmHWM to the current RSS
-    start = time.perf_counter()
-    eps_c, eps_u = ddpo.noise_preds(unet, x, t, embeds, uncond, args.guidance_scale)
-    _, log_prob = ddpo.ddim_step_with_logprob(scheduler, ddpo.guide(eps_c, eps_u, args.guidance_scale), t, x,
-                                              prev_sample=prev)
-    loss, _ = ddpo.ddpo_loss(log_prob, log_prob.detach(), torch.ones(batch), 1e-4, 5.0)
-    loss.backward()
-    seconds = time.perf_counter() - start
-    assert all(p.grad is not None for p in params)
-    return (kb("VmHWM") - before) / 1e6, before / 1e6, seconds
-
-
-if __name__ == "__main__" and sys.argv[1:] == ["sd-memory"]:
-    for batch in (1, 4):
-        for checkpointing in (False, True):
-            code = (f"import test_ddpo; print(test_ddpo.sd15_microstep({batch}, {checkpointing}))")
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-            peak, resident, seconds = eval(out.stdout.strip().splitlines()[-1])
-            print(f"batch {batch} (+CFG: {2 * batch} UNet rows), gradient checkpointing {checkpointing!s:5}: "
-                  f"step peak +{peak:.2f} GB over {resident:.2f} GB resident, {seconds:.1f} s")
+    monkeypatch.setattr(ddpo.Run, "end_epoch", end_epoch)
+    ddpo.main([*TINY_QUICK, "--num-epochs", "2", "--compile", "--run-dir", str(tmp_path)])
+    assert compiled[0][0] >= 2  # at least one graph for sampling and one for training
+    assert compiled[1] == compiled[0], compiled  # nothing new in epoch 1
+    torch._dynamo.reset()
