@@ -618,9 +618,9 @@ def load_prompts(spec: str) -> list:
     return prompts
 
 
-def check_device(flag, value, allow_auto=True):
+def check_device(flag, value):
     """'auto', 'cpu', 'cuda' or 'cuda:N' that exists here; anything else fails in one line."""
-    if allow_auto and value == "auto":
+    if value == "auto":
         return
     try:
         device = torch.device(value)
