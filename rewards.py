@@ -16,7 +16,7 @@ Every reward has one contract:
     "my_module:my_fn"                           a user's own function under the same contract
     "aesthetic=1.0,jpeg_compressibility=0.05"   a weighted sum of any of the above
 Models load when the reward is built (once; nothing at import), on `device`, so a missing model fails before
-any sampling. Definitions follow the DDPO paper (Black et al. 2023), §5.1 and its appendix.
+any sampling. Definitions follow the DDPO paper (Black et al. 2023), §5 and its appendix.
 """
 
 import functools
