@@ -839,7 +839,7 @@ class Run:
     def begin_epoch(self, epoch):
         self.epoch, self.in_training = epoch, False
         self.epoch_start_rngs = all_gather_objects(rng_state(self.np_rng, self.sample_gen, self.train_gen))
-        self.times, self.step_sums, self.ratio_dev_onpolicy = {"start": time.perf_counter()}, [], None
+        self.times, self.step_metrics, self.ratio_dev_onpolicy = {"start": time.perf_counter()}, [], None
 
     def mark(self, phase):
         self.times[phase] = time.perf_counter()
@@ -897,7 +897,7 @@ class Run:
         metrics = {"train/loss": loss_sum / count, "train/approx_kl": kl_sum / count, "train/clipfrac": clipped / count,
                    "train/ratio_dev_max": deviation, "train/grad_norm": None if grad_skipped else grad_norm,
                    "train/lr": self.optimizer.param_groups[0]["lr"]}
-        self.step_sums.append(metrics)
+        self.step_metrics.append(metrics)
         self.metrics.write({"epoch": epoch, "step": self.global_step, **metrics})
 
     def end_epoch(self, epoch, rewards, infos):
@@ -909,7 +909,7 @@ class Run:
                   "train/ratio_dev_onpolicy": self.ratio_dev_onpolicy,
                   **{f"reward_info/{k}": float(np.mean(v)) for k, v in infos.items()
                      if all(isinstance(x, (int, float)) for x in v)},  # strings go to images/*.json
-                  **{f"{k}_epoch_mean": mean_of_numbers([m[k] for m in self.step_sums]) for k in
+                  **{f"{k}_epoch_mean": mean_of_numbers([m[k] for m in self.step_metrics]) for k in
                      ("train/loss", "train/approx_kl", "train/clipfrac", "train/grad_norm")},
                   "time/epoch_s": t_end - t["start"], "time/sample_s": t["sampled"] - t["start"],
                   "time/reward_wait_s": t["rewarded"] - t["sampled"], "time/train_s": t_end - t["rewarded"],
@@ -941,35 +941,29 @@ class Run:
         finished epoch is lost."""
         previous = signal.signal(signal.SIGTERM, raise_interrupt) if threading.current_thread() is \
             threading.main_thread() else None
-        code = 0
         try:
             yield
         except (RunStopped, KeyboardInterrupt) as e:
             reason = str(e) if isinstance(e, RunStopped) else f"interrupted ({str(e) or 'SIGINT'})"
-            code = 1 if isinstance(e, RunStopped) else 143 if str(e) == "SIGTERM" else 130
             if self.epoch is not None and not self.in_training and self.epoch > self.saved_epoch:
                 try:
                     self.save(self.epoch, self.epoch_start_rngs)
                 except RunStopped as save_error:
                     reason += f"; {save_error}"
             latest = list_checkpoints(self.run_dir)
-            where = f"latest checkpoint: {latest[-1]}" if latest else "no checkpoint was written"
+            message = f"ddpo.py: stopped at epoch {self.epoch}: {reason}. " + (
+                f"latest checkpoint: {latest[-1]}" if latest else "no checkpoint was written")
+            if isinstance(e, RunStopped):
+                raise SystemExit(message) from None  # printed to stderr, exit status 1, like fail()
+            print(message, file=sys.stderr)
+            raise SystemExit(143 if str(e) == "SIGTERM" else 130) from None  # 128 + the signal, as shells report
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
             self.reward_worker.close()
             self.metrics.close()
             if distributed():
                 torch.distributed.destroy_process_group()
-            message = f"ddpo.py: stopped at epoch {self.epoch}: {reason}. {where}"
-            if code == 1:
-                raise SystemExit(message) from None  # printed to stderr, exit status 1, like fail()
-            print(message, file=sys.stderr)
-            raise SystemExit(code) from None  # 128 + the signal's number, as a shell reports it
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-        self.reward_worker.close()
-        self.metrics.close()
-        if distributed():
-            torch.distributed.destroy_process_group()
 
 
 def mean_of_numbers(values):
