@@ -739,6 +739,8 @@ class Run:
         # Run directory and checkpoint: rank 0 decides, every rank follows.
         slug = re.sub(r"[^\w.-]+", "_", args.reward)  # "aesthetic=1,mod:fn" -> "aesthetic_1_mod_fn"
         run_dir = Path(args.run_dir or f"runs/{slug}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if self.is_main and args.overwrite and args.resume is None:
+            clear_run_dir(run_dir)
         checkpoint, state = find_checkpoint(args, run_dir, self.log) if self.is_main else (None, None)
         self.run_dir, checkpoint = all_gather_objects((run_dir, checkpoint))[0]
         if checkpoint is not None and not self.is_main:
@@ -977,14 +979,17 @@ def raise_interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def clear_run_dir(run_dir):
+    """--overwrite: delete what a previous run left in run_dir (its config, metrics, images, checkpoints)."""
+    for name in ("metrics.jsonl", "config.json", "checkpoints", "images"):
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def find_checkpoint(args, run_dir, log):
     """(checkpoint, its trainer state) to resume from, or (None, None) for a fresh start. --resume auto takes
     the latest checkpoint that reads back, skipping damaged ones with one line each."""
     if args.resume is None:
-        if args.overwrite:
-            for name in ("metrics.jsonl", "config.json", "checkpoints", "images"):
-                path = run_dir / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         return None, None
     candidates = list_checkpoints(run_dir)[::-1] if args.resume == "auto" else [Path(args.resume)]
     for checkpoint in candidates:
