@@ -687,7 +687,7 @@ def validate(args: Args):
     if args.resume == "auto" and args.run_dir is None:
         fail("--resume auto needs --run-dir (the run whose latest checkpoint to continue)")
     if args.resume not in (None, "auto"):
-        missing = [f for f in ("config.json", "trainer_state.pt") if not (Path(args.resume) / f).is_file()]
+        missing = missing_checkpoint_files(args.resume)
         if missing:
             fail(f"--resume {args.resume!r} is not a checkpoint directory (no {' or '.join(missing)})")
     if args.run_dir is not None:
@@ -744,7 +744,7 @@ class Run:
         checkpoint, state = find_checkpoint(args, run_dir, self.log) if self.is_main else (None, None)
         self.run_dir, checkpoint = all_gather_objects((run_dir, checkpoint))[0]
         if checkpoint is not None and not self.is_main:
-            _, state = read_checkpoint(checkpoint)
+            state = read_checkpoint(checkpoint)
         if state is not None and state["next_epoch"] >= args.num_epochs:
             self.log(f"{checkpoint} has trained {state['next_epoch']} epochs already, --num-epochs is "
                      f"{args.num_epochs}: nothing to do (raise --num-epochs to train on)")
@@ -995,7 +995,7 @@ def find_checkpoint(args, run_dir, log):
     for checkpoint in candidates:
         check_resumable(checkpoint, args)
         try:
-            return checkpoint, read_checkpoint(checkpoint)[1]
+            return checkpoint, read_checkpoint(checkpoint)
         except RunStopped as e:
             if args.resume != "auto":
                 fail(str(e))
@@ -1185,8 +1185,13 @@ def check_resumable(checkpoint, args):
              "original settings or start a new --run-dir")
 
 
+def missing_checkpoint_files(path):
+    """The files of a checkpoint directory that `path` lacks (none: it is one)."""
+    return [f for f in ("config.json", "trainer_state.pt") if not (Path(path) / f).is_file()]
+
+
 def read_checkpoint(checkpoint):
-    """(checkpoint, trainer state) or RunStopped if the state file is damaged."""
+    """The checkpoint's trainer state, or RunStopped if the state file is damaged."""
     try:
         state = torch.load(Path(checkpoint) / "trainer_state.pt", map_location="cpu", weights_only=False)
         if not isinstance(state, dict) or "next_epoch" not in state:
@@ -1194,7 +1199,7 @@ def read_checkpoint(checkpoint):
     except Exception as e:
         raise RunStopped(f"checkpoint {checkpoint} is damaged: trainer_state.pt does not load "
                          f"({rewards_lib.first_line(e)})") from None
-    return checkpoint, state
+    return state
 
 
 def load_trainable_weights(checkpoint, unet, args, state):
@@ -1218,7 +1223,7 @@ def load_trainable_weights(checkpoint, unet, args, state):
 
 def load_checkpoint(checkpoint, unet, args):
     """Load a checkpoint's trainable weights into `unet` (set up by setup_trainable); returns its state."""
-    _, state = read_checkpoint(checkpoint)
+    state = read_checkpoint(checkpoint)
     load_trainable_weights(checkpoint, unet, args, state)
     return state
 
@@ -1469,7 +1474,7 @@ def sample_main(argv):
     parser.add_argument("--out", default=None, help="PNG path (default: <checkpoint>/samples.png)")
     cli = parser.parse_args(argv)
     checkpoint = Path(cli.checkpoint)
-    if not (checkpoint / "config.json").is_file() or not (checkpoint / "trainer_state.pt").is_file():
+    if missing_checkpoint_files(checkpoint):
         fail(f"--checkpoint {cli.checkpoint!r} is not a checkpoint directory of a ddpo.py run")
     if cli.num_images < 1:
         fail(f"--num-images must be >= 1 (got {cli.num_images})")
