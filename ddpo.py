@@ -80,6 +80,45 @@ def ddim_coefficients(scheduler, timestep, batch_size, eta, device):
     return alpha_t.sqrt(), (1 - alpha_t).sqrt(), alpha_prev.sqrt(), (1 - alpha_prev - std**2).sqrt(), std
 
 
+def ddim_mean_std(scheduler, model_output, timestep, sample, eta):
+    """The policy's Gaussian at one DDIM step: (mean (B, C, H, W) float32, std (B,) float64).
+    Arguments as in ddim_step_with_logprob."""
+    if not eta > 0:
+        raise ValueError(f"eta must be > 0 (got {eta}): the step needs a nonzero std to have a log-prob")
+    if scheduler.num_inference_steps is None:
+        raise ValueError("call scheduler.set_timesteps(num_steps) before ddim_step_with_logprob")
+    B, device = sample.shape[0], sample.device
+    model_output, sample = model_output.float(), sample.float()
+    shape = (B,) + (1,) * (sample.ndim - 1)  # broadcast (B,) over (B, C, H, W)
+    # 1. The step's coefficients, per sample, in float64 (eq. 16 for std).
+    sqrt_a, sqrt_1ma, sqrt_a_prev, dir_coef, std = ddim_coefficients(scheduler, timestep, B, eta, device)
+    sqrt_a, sqrt_1ma, sqrt_a_prev, dir_coef = (c.float().reshape(shape) for c in (sqrt_a, sqrt_1ma, sqrt_a_prev, dir_coef))
+    # 2. The predicted x_0 and noise (eq. 12's "predicted x_0"; v-prediction rewritten in eps and x_0).
+    if scheduler.config.prediction_type == "epsilon":
+        eps = model_output
+        x0 = (sample - sqrt_1ma * eps) / sqrt_a
+    elif scheduler.config.prediction_type == "v_prediction":
+        x0 = sqrt_a * sample - sqrt_1ma * model_output
+        eps = sqrt_a * model_output + sqrt_1ma * sample
+    else:
+        raise ValueError(f"prediction_type {scheduler.config.prediction_type!r} is not supported")
+    if scheduler.config.thresholding:
+        x0 = scheduler._threshold_sample(x0)
+    elif scheduler.config.clip_sample:
+        x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+    # 3. The policy's mean: eq. (12) without its noise term.
+    return sqrt_a_prev * x0 + dir_coef * eps, std
+
+
+def gaussian_log_prob(x, mean, std):
+    """log N(x; mean, std^2 I) per sample, float32 (B,): the MEAN over the C*H*W elements of
+    -(x - mean)^2 / (2 std^2) - log std - log sqrt(2 pi). x, mean (B, C, H, W); std (B,) float64."""
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    log_norm = (std.log() + 0.5 * math.log(2 * math.pi)).float().reshape(shape)  # log(std sqrt(2 pi))
+    log_prob = -((x - mean) ** 2) / (2 * std.float().reshape(shape) ** 2) - log_norm
+    return log_prob.mean(dim=tuple(range(1, x.ndim)))
+
+
 def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta=1.0, prev_sample=None,
                            generator=None):
     """One DDIM step x_t -> x_{t-1} and its Gaussian log-likelihood.
@@ -95,41 +134,15 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta=1.0, p
     is why the clip range is as small as 1e-4). Gradients flow only through mu (x_{t-1} is detached; std
     does not depend on the model).
     """
-    if not eta > 0:
-        raise ValueError(f"eta must be > 0 (got {eta}): the step needs a nonzero std to have a log-prob")
-    if scheduler.num_inference_steps is None:
-        raise ValueError("call scheduler.set_timesteps(num_steps) before ddim_step_with_logprob")
-    B, device = sample.shape[0], sample.device
-    model_output, sample = model_output.float(), sample.float()
-    shape = (B,) + (1,) * (sample.ndim - 1)  # broadcast (B,) over (B, C, H, W)
-    # 1. The step's coefficients, per sample, in float64 (eq. 16 for std).
-    coefficients = ddim_coefficients(scheduler, timestep, B, eta, device)
-    std = coefficients[-1]
-    sqrt_a, sqrt_1ma, sqrt_a_prev, dir_coef, std32 = (c.float().reshape(shape) for c in coefficients)
-    # 2. The predicted x_0 and noise (eq. 12's "predicted x_0"; v-prediction rewritten in eps and x_0).
-    if scheduler.config.prediction_type == "epsilon":
-        eps = model_output
-        x0 = (sample - sqrt_1ma * eps) / sqrt_a
-    elif scheduler.config.prediction_type == "v_prediction":
-        x0 = sqrt_a * sample - sqrt_1ma * model_output
-        eps = sqrt_a * model_output + sqrt_1ma * sample
-    else:
-        raise ValueError(f"prediction_type {scheduler.config.prediction_type!r} is not supported")
-    if scheduler.config.thresholding:
-        x0 = scheduler._threshold_sample(x0)
-    elif scheduler.config.clip_sample:
-        x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
-    # 3. The policy's mean: eq. (12) without its noise term.
-    mean = sqrt_a_prev * x0 + dir_coef * eps
+    # 1-3. The policy's mean and std (ddim_mean_std).
+    mean, std = ddim_mean_std(scheduler, model_output, timestep, sample, eta)
     # 4. Sample x_{t-1} = mu + std * z, unless a stored one is being scored.
     if prev_sample is None:
-        noise = torch.randn(sample.shape, generator=generator, device=device, dtype=torch.float32)
-        prev_sample = mean + std32 * noise
+        noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
+        prev_sample = mean + std.float().reshape(-1, *(1,) * (sample.ndim - 1)) * noise
     prev_sample = prev_sample.detach().float()
     # 5. The Gaussian log-density of x_{t-1}, averaged over the C*H*W elements.
-    log_norm = (std.log() + 0.5 * math.log(2 * math.pi)).float().reshape(shape)  # log(std sqrt(2 pi))
-    log_prob = -((prev_sample - mean) ** 2) / (2 * std32**2) - log_norm
-    return prev_sample, log_prob.mean(dim=tuple(range(1, sample.ndim)))
+    return prev_sample, gaussian_log_prob(prev_sample, mean, std)
 
 
 # ======================================================================================================
@@ -172,6 +185,23 @@ def batch_advantages(rewards) -> np.ndarray:
     return (rewards - rewards.mean()) / (rewards.std() + 1e-8)
 
 
+def group_advantages(prompts, rewards, global_std=False):
+    """GRPO-style advantages (Shao et al. 2024; Flow-GRPO, Liu et al. 2025) for k samples per prompt: the
+    epoch's samples of one prompt form a group, A = (r - group mean) / (group std + 1e-6), or divided by the
+    std of the whole epoch batch with global_std. No memory across epochs. A group whose rewards are all
+    equal gets A = 0 (no signal). Returns (advantages (N,) float64, fraction of such groups)."""
+    prompts = np.asarray(prompts, dtype=object)
+    rewards = np.asarray(rewards, dtype=np.float64)
+    advantages, flat = np.zeros_like(rewards), 0
+    groups = list(dict.fromkeys(prompts.tolist()))
+    for prompt in groups:
+        group = rewards[prompts == prompt]
+        flat += bool(np.all(group == group[0]))
+        std = rewards.std() if global_std else group.std()
+        advantages[prompts == prompt] = (group - group.mean()) / (std + 1e-6)
+    return advantages, flat / len(groups)
+
+
 # ======================================================================================================
 # 3. The clipped surrogate of DDPO_IS (paper §4.3, with PPO's clipping, Schulman et al. 2017).
 # ======================================================================================================
@@ -183,6 +213,46 @@ def ddpo_loss(log_prob, old_log_prob, advantages, clip_range, adv_clip_max):
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
     return torch.maximum(unclipped, clipped).mean(), ratio
+
+
+# The paper's other methods (§4.1-4.2, §6.1), on the same loop. DDPO_SF is the plain score-function
+# gradient; it needs on-policy samples, so it takes one optimizer step per epoch. RWR and sparse RWR are
+# the reward-weighted regression baselines: the ordinary denoising loss on the model's own samples.
+def ddpo_sf_loss(log_prob, advantages, adv_clip_max):
+    """DDPO_SF: loss = -mean(A * log p), A clamped to +-adv_clip_max. All (B,). Its gradient is the
+    REINFORCE estimate -mean(A * grad log p) only at the weights that sampled (one step per epoch)."""
+    return -(advantages.clamp(-adv_clip_max, adv_clip_max) * log_prob).mean()
+
+
+def rwr_weights(advantages, beta, sparse=False, top_fraction=0.1) -> np.ndarray:
+    """Per-sample weights of reward-weighted regression over the epoch batch, mean 1. RWR: N * softmax(beta
+    * A) (exponential weights, Peters and Schaal 2007), on the normalised rewards A so that beta means the
+    same for every reward. Sparse RWR: the top ceil(top_fraction * N) samples by A, weight 1 / top_fraction
+    each (ties broken by order), the rest 0: filtered supervised learning on the best samples."""
+    advantages = np.asarray(advantages, dtype=np.float64)
+    N = len(advantages)
+    if sparse:
+        weights = np.zeros(N)
+        weights[np.argsort(-advantages, kind="stable")[:math.ceil(top_fraction * N)]] = N / math.ceil(top_fraction * N)
+        return weights
+    z = beta * advantages
+    exp = np.exp(z - z.max())
+    return N * exp / exp.sum()
+
+
+def weighted_denoising_loss(prediction, target, weights):
+    """RWR's loss: mean over the m pairs of weight * mean over elements of (prediction - target)^2.
+    prediction, target (m, C, h, w); weights (m,)."""
+    mse = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))  # (m,)
+    return (weights * mse).mean()
+
+
+def gaussian_kl(mean, mean_ref, std):
+    """KL(N(mean, std^2) || N(mean_ref, std^2)) of one step, averaged over the C*H*W elements like log p:
+    (mean - mean_ref)^2 / (2 std^2). mean, mean_ref (B, C, h, w); std (B,) float64. Returns (B,) float32.
+    The KL-to-reference regulariser of DPOK (Fan et al. 2023) and Flow-GRPO; not in the DDPO paper."""
+    shape = (mean.shape[0],) + (1,) * (mean.ndim - 1)
+    return ((mean - mean_ref) ** 2 / (2 * std.float().reshape(shape) ** 2)).mean(dim=tuple(range(1, mean.ndim)))
 
 
 # ======================================================================================================
@@ -250,35 +320,76 @@ def decode_images(vae, latents, autocast=contextlib.nullcontext):
 #    which pairs go together, optimizer_step accumulates them into one clipped AdamW step.
 # ======================================================================================================
 def micro_batch_loss(unet, scheduler, batch, uncond_embeds, guidance_scale, eta, clip_range, adv_clip_max,
-                     fused=False, autocast=contextlib.nullcontext):
-    """The DDPO_IS loss of m (sample, timestep) pairs: one UNet call -> log p of the stored step -> clipped
-    surrogate. batch: x_t (m, C, h, w), t (m,), x_prev (m, C, h, w), old_log_prob (m,), embeds (m, L, D),
-    advantages (m,). uncond_embeds (1, L, D). fused=True computes log p with the Triton kernels of
-    kernels.py (the same math). Returns (loss, log_prob, ratio); loss is the mean over the m pairs."""
+                     method="ddpo_is", kl_coef=0.0, reference=None, fused=False, autocast=contextlib.nullcontext):
+    """The policy-gradient loss of m (sample, timestep) pairs: one UNet call -> log p of the stored step ->
+    DDPO_IS's clipped surrogate (method "ddpo_is") or DDPO_SF's -A log p ("ddpo_sf"), plus kl_coef x the KL
+    to the reference model. batch: x_t (m, C, h, w), t (m,), x_prev (m, C, h, w), old_log_prob (m,), embeds
+    (m, L, D), advantages (m,). uncond_embeds (1, L, D). reference: a context manager yielding the
+    reference UNet (needed when kl_coef > 0). fused=True computes log p with the Triton kernels of
+    kernels.py (the same math). Returns (loss, stats): loss the mean over the m pairs; stats of (m,)
+    tensors: log_prob, ratio, and kl_ref (None when kl_coef = 0)."""
     m = len(batch["t"])
+    uncond = uncond_embeds.expand(m, -1, -1)
     with autocast():
-        eps_cond, eps_uncond = predict_noise(unet, batch["x_t"], batch["t"], batch["embeds"],
-                                             uncond_embeds.expand(m, -1, -1), guidance_scale)
+        eps_cond, eps_uncond = predict_noise(unet, batch["x_t"], batch["t"], batch["embeds"], uncond, guidance_scale)
+    mean = std = None
     if fused:
         log_prob, _ = kernels.ddim_logprob_ratio(scheduler, eps_cond, eps_uncond, guidance_scale, batch["t"],
                                                  batch["x_t"], batch["x_prev"], batch["old_log_prob"], eta=eta)
     else:
-        _, log_prob = ddim_step_with_logprob(scheduler, classifier_free_guidance(eps_cond, eps_uncond, guidance_scale),
-                                             batch["t"], batch["x_t"], eta=eta, prev_sample=batch["x_prev"])
-    loss, ratio = ddpo_loss(log_prob, batch["old_log_prob"], batch["advantages"], clip_range, adv_clip_max)
-    return loss, log_prob, ratio
+        mean, std = ddim_mean_std(scheduler, classifier_free_guidance(eps_cond, eps_uncond, guidance_scale),
+                                  batch["t"], batch["x_t"], eta)
+        log_prob = gaussian_log_prob(batch["x_prev"], mean, std)
+    if method == "ddpo_sf":
+        loss, ratio = ddpo_sf_loss(log_prob, batch["advantages"], adv_clip_max), torch.exp(log_prob - batch["old_log_prob"])
+    else:
+        loss, ratio = ddpo_loss(log_prob, batch["old_log_prob"], batch["advantages"], clip_range, adv_clip_max)
+    kl_ref = None
+    if kl_coef > 0:  # the same step's Gaussian under the reference weights: same std, its own mean
+        if mean is None:
+            mean, std = ddim_mean_std(scheduler, classifier_free_guidance(eps_cond, eps_uncond, guidance_scale),
+                                      batch["t"], batch["x_t"], eta)
+        with torch.no_grad(), reference() as reference_unet, autocast():
+            eps_ref = predict_noise(reference_unet, batch["x_t"], batch["t"], batch["embeds"], uncond, guidance_scale)
+        mean_ref, _ = ddim_mean_std(scheduler, classifier_free_guidance(*eps_ref, guidance_scale), batch["t"],
+                                    batch["x_t"], eta)
+        kl_ref = gaussian_kl(mean, mean_ref, std)
+        loss = loss + kl_coef * kl_ref.mean()
+    return loss, {"log_prob": log_prob, "ratio": ratio, "kl_ref": kl_ref}
 
 
-def training_plan(num_samples, num_steps, batch_size, accumulation, timestep_fraction, micro_batch, generator):
+def rwr_micro_batch_loss(unet, scheduler, batch, generator, autocast=contextlib.nullcontext):
+    """RWR and sparse RWR (paper §6.1 baselines): the denoising loss on the model's own samples. Each pair's
+    final latent x_0 (m, C, h, w) is noised afresh to the pair's timestep t by the forward process,
+    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, the UNet predicts eps (or v) from (x_t, t, c) without
+    guidance, and the squared error is weighted by batch["advantages"] (here rwr_weights). The stored
+    trajectory's x_t is not used. Returns (loss, stats) with no log p."""
+    x0, t = batch["x_0"], batch["t"]
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)  # (m, C, h, w), a CPU generator
+    abar = scheduler.alphas_cumprod.to(x0.device)[t].float().reshape(-1, *(1,) * (x0.ndim - 1))
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    with autocast():
+        prediction = unet(x_t, t, batch["embeds"]).sample
+    if scheduler.config.prediction_type == "v_prediction":
+        target = abar.sqrt() * noise - (1 - abar).sqrt() * x0  # v (Salimans and Ho 2022)
+    else:
+        target = noise
+    return weighted_denoising_loss(prediction, target, batch["advantages"]), {}
+
+
+def training_plan(num_samples, num_steps, batch_size, accumulation, timestep_fraction, micro_batch, generator,
+                  window=None):
     """One inner epoch's schedule (paper appendix: samples shuffled, and time shuffled per sample): a list of
     optimizer steps, each a list of micro-batches, each a pair (i, j) of (m,) index tensors: sample i, step j
     of its trajectory. A step covers batch_size * accumulation samples and the first
-    floor(T * timestep_fraction) of each one's shuffled steps, listed in the published order (for each
-    train batch, for each kept step, the batch's samples) and cut into micro-batches of `micro_batch` pairs."""
-    N, T = num_samples, num_steps
-    T_train = max(1, int(T * timestep_fraction))
+    floor(W * timestep_fraction) of each one's shuffled steps, listed in the published order (for each
+    train batch, for each kept step, the batch's samples) and cut into micro-batches of `micro_batch` pairs.
+    window (a, b): only trajectory steps a..b-1 are trained (W = b - a); default all T."""
+    N = num_samples
+    a, b = window or (0, num_steps)
+    T_train = max(1, int((b - a) * timestep_fraction))
     perm = torch.randperm(N, generator=generator)  # (N,) samples shuffled
-    time_perm = torch.stack([torch.randperm(T, generator=generator) for _ in range(N)])  # (N, T) time, per sample
+    time_perm = a + torch.stack([torch.randperm(b - a, generator=generator) for _ in range(N)])  # (N, W), per sample
     B, G = batch_size, accumulation
     # Offsets within a step's G*B samples and kept slots, in the published order: (P,) each, P = G*T_train*B.
     offsets = torch.arange(G * B).view(G, 1, B).expand(G, T_train, B).reshape(-1)
@@ -296,26 +407,32 @@ def gather_pairs(samples, i, j):
     i, j = i.to(samples["latents"].device), j.to(samples["latents"].device)
     return {"x_t": samples["latents"][i, j], "x_prev": samples["next_latents"][i, j], "t": samples["timesteps"][i, j],
             "old_log_prob": samples["log_probs"][i, j], "embeds": samples["embeds"][i],
-            "advantages": samples["advantages"][i]}
+            "advantages": samples["advantages"][i], "x_0": samples["final_latents"][i]}
 
 
 def optimizer_step(loss_fn, samples, micro_batches, optimizer, params, scaler, max_grad_norm, clip_range):
     """One optimizer step over the pairs of `micro_batches` (see training_plan): each micro-batch
     backpropagates its loss * m / P, so the step sees exactly the mean loss over its P pairs, however they
-    are packed. Gradients averaged over processes, norm clipped, one step. loss_fn(batch) -> (loss, log_prob,
-    ratio). Returns un-synced (6,) float32 sums: loss * pairs, approx_kl * pairs, clipped pairs, pairs,
-    max |ratio - 1|, and the gradient norm before clipping."""
+    are packed. Gradients averaged over processes, norm clipped, one step. loss_fn(batch) -> (loss, stats)
+    as micro_batch_loss. Returns un-synced (7,) float32 sums: loss * pairs, approx_kl * pairs, clipped
+    pairs, pairs, kl_ref * pairs, max |ratio - 1|, and the gradient norm before clipping (the log-prob
+    terms are 0 for losses without log p, RWR's)."""
     P = sum(len(i) for i, _ in micro_batches)
-    sums = torch.zeros(5, device=samples["latents"].device)
+    sums = torch.zeros(6, device=samples["latents"].device)
     for i, j in micro_batches:
         batch = gather_pairs(samples, i, j)
-        loss, log_prob, ratio = loss_fn(batch)
+        loss, stats = loss_fn(batch)
         scaler.scale(loss * (len(i) / P)).backward()
         with torch.no_grad():
-            deviation = (ratio - 1).abs()
-            sums[:4] += torch.stack([loss * len(i), 0.5 * ((log_prob - batch["old_log_prob"]) ** 2).sum(),
-                                     (deviation > clip_range).float().sum(), sums.new_tensor(float(len(i)))])
-            sums[4] = torch.maximum(sums[4], deviation.max())
+            sums[0] += loss * len(i)
+            sums[3] += len(i)
+            if stats.get("log_prob") is not None:
+                deviation = (stats["ratio"] - 1).abs()
+                sums[1] += 0.5 * ((stats["log_prob"] - batch["old_log_prob"]) ** 2).sum()
+                sums[2] += (deviation > clip_range).float().sum()
+                sums[5] = torch.maximum(sums[5], deviation.max())
+            if stats.get("kl_ref") is not None:
+                sums[4] += stats["kl_ref"].sum()
     average_gradients(params)  # torchrun: the mean over processes, identical on every rank
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -323,6 +440,28 @@ def optimizer_step(loss_fn, samples, micro_batches, optimizer, params, scaler, m
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return torch.cat([sums, grad_norm.float().reshape(1).to(sums.device)])
+
+
+def ema_update(ema, params, decay):
+    """EMA of the trainable weights after an optimizer step: ema <- decay * ema + (1 - decay) * theta."""
+    with torch.no_grad():
+        torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+
+
+@contextlib.contextmanager
+def swapped_weights(params, replacement):
+    """Inside: `params` hold `replacement`'s values (e.g. the EMA weights for evaluation); restored after."""
+    if replacement is None:
+        yield
+        return
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        torch._foreach_copy_([p.data for p in params], replacement)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_([p.data for p in params], saved)
 
 
 def rescore_old_log_probs(loss_fn, samples, plan):
@@ -333,8 +472,8 @@ def rescore_old_log_probs(loss_fn, samples, plan):
     log_probs = samples["log_probs"].clone()
     for micro_batches in plan:
         for i, j in micro_batches:
-            _, log_prob, _ = loss_fn(gather_pairs(samples, i, j))
-            log_probs[i.to(log_probs.device), j.to(log_probs.device)] = log_prob.detach()
+            _, stats = loss_fn(gather_pairs(samples, i, j))
+            log_probs[i.to(log_probs.device), j.to(log_probs.device)] = stats["log_prob"].detach()
     return {**samples, "log_probs": log_probs}
 
 
@@ -342,23 +481,27 @@ def rescore_old_log_probs(loss_fn, samples, plan):
 # 6. The epoch loop (paper §4.3, appendix): sample -> reward -> advantages -> train -> log.
 # ======================================================================================================
 def train(args):
-    """DDPO_IS on `args`. Everything that is not the algorithm (devices, models, run directory, resume,
-    logging, stopping cleanly) is in Run, below the line."""
+    """DDPO (args.method: DDPO_IS, DDPO_SF, RWR or sparse RWR) on `args`. Everything that is not the algorithm
+    (devices, models, run directory, resume, evaluation, logging, stopping cleanly) is in Run, below the line."""
     run = Run(args)
     unet, scheduler = run.unet, run.pipe.scheduler
-    loss_fn = functools.partial(micro_batch_loss, unet, scheduler, uncond_embeds=run.uncond_embeds,
-                                guidance_scale=args.guidance_scale, eta=args.eta, clip_range=args.clip_range,
-                                adv_clip_max=args.adv_clip_max, fused=run.fused, autocast=run.autocast)
+    if args.method in ("rwr", "rwr_sparse"):
+        loss_fn = functools.partial(rwr_micro_batch_loss, unet, scheduler, generator=run.train_gen, autocast=run.autocast)
+    else:
+        loss_fn = functools.partial(micro_batch_loss, unet, scheduler, uncond_embeds=run.uncond_embeds,
+                                    guidance_scale=args.guidance_scale, eta=args.eta, clip_range=args.clip_range,
+                                    adv_clip_max=args.adv_clip_max, method=args.method, kl_coef=args.kl_coef,
+                                    reference=run.reference, fused=run.fused, autocast=run.autocast)
     with run.stop_guard():
         for epoch in range(run.start_epoch, args.num_epochs):
-            run.begin_epoch(epoch)
+            run.begin_epoch(epoch)  # and, every --eval-every epochs, the held-out evaluation
 
-            # Sample: B trajectories per batch, with the log-prob of every step; each batch's rewards are
-            # computed in a worker thread while the next batch samples.
+            # Sample: B trajectories per batch (k per prompt), with the log-prob of every step; each batch's
+            # rewards are computed in a worker thread while the next batch samples.
             unet.eval()
             batches = []
             for _ in run.progress(range(args.sample_num_batches), f"epoch {epoch} sample"):
-                prompts = run.draw_prompts(args.sample_batch_size)
+                prompts = run.draw_prompts(args.sample_batch_size, args.samples_per_prompt)
                 embeds = run.encode(prompts)  # (B, L, D), reused by training
                 latents, log_probs = sample_trajectories(  # (B, T+1, C, h, w), (B, T)
                     unet, scheduler, embeds, run.uncond_embeds.expand(len(prompts), -1, -1), run.latent_shape,
@@ -372,11 +515,16 @@ def train(args):
             all_prompts, rewards, infos = run.gather_rewards(batches)
             run.mark("rewarded")
 
-            # Advantages: normalised per prompt (or over the batch); this process keeps its own slice.
-            if args.per_prompt_stat_tracking:
+            # Advantages: per group of k samples of a prompt, per prompt over recent epochs, or over the
+            # batch; RWR turns them into regression weights. This process keeps its own slice.
+            if args.samples_per_prompt > 1:
+                advantages, run.flat_group_fraction = group_advantages(all_prompts, rewards.numpy(), args.global_std)
+            elif args.per_prompt_stat_tracking:
                 advantages = run.tracker.update(all_prompts, rewards.numpy())
             else:
                 advantages = batch_advantages(rewards.numpy())
+            if args.method in ("rwr", "rwr_sparse"):
+                advantages = rwr_weights(advantages, args.rwr_beta, args.method == "rwr_sparse", args.rwr_top_fraction)
             n = args.sample_batch_size * args.sample_num_batches
             advantages = advantages[run.rank * n:(run.rank + 1) * n]
             if args.shuffle_advantages:  # the control: same advantage values, no link to the samples
@@ -384,18 +532,19 @@ def train(args):
             trajectories = torch.cat([b["latents"] for b in batches])  # (N, T+1, C, h, w)
             samples = {"embeds": torch.cat([b["embeds"] for b in batches]),  # (N, L, D)
                        "latents": trajectories[:, :-1], "next_latents": trajectories[:, 1:],  # x_t, x_{t-1}
+                       "final_latents": trajectories[:, -1],  # x_0, for RWR's denoising loss
                        "log_probs": torch.cat([b["log_probs"] for b in batches]),  # (N, T)
                        "timesteps": scheduler.timesteps.repeat(n, 1),  # (N, T)
                        "advantages": torch.as_tensor(advantages, dtype=torch.float32, device=run.device)}  # (N,)
 
-            # Train: shuffled (sample, step) pairs, one clipped AdamW step per
-            # train_batch_size * gradient_accumulation_steps samples.
+            # Train: shuffled (sample, step) pairs of the --train-timesteps window, one AdamW step per
+            # train_batch_size * gradient_accumulation_steps samples (DDPO_SF: the whole epoch, on-policy).
             run.begin_training(batches, rewards, infos)
             unet.train()
             plans = [training_plan(n, args.num_steps, args.train_batch_size, args.gradient_accumulation_steps,
                                    args.timestep_fraction, args.train_micro_batch or args.train_batch_size,
-                                   run.train_gen) for _ in range(args.num_inner_epochs)]
-            if run.exact_ratio:
+                                   run.train_gen, run.window) for _ in range(args.num_inner_epochs)]
+            if run.exact_ratio and args.method == "ddpo_is":
                 with run.timer():
                     samples = rescore_old_log_probs(loss_fn, samples, plans[0])
             for plan in plans:
@@ -403,10 +552,13 @@ def train(args):
                     with run.timer():
                         sums = optimizer_step(loss_fn, samples, micro_batches, run.optimizer, run.params,
                                               run.scaler, args.max_grad_norm, args.clip_range)
+                        if run.ema is not None:
+                            ema_update(run.ema, run.params, args.ema_decay)
                     run.log_step(epoch, sums)  # stops the run if the loss, gradient or weights are not finite
 
             # Log: the epoch's rewards, train metrics and timings; a checkpoint every save_every epochs.
             run.end_epoch(epoch, rewards, infos)
+        run.finish()  # the final evaluation and curves.png
     return run.run_dir
 
 
@@ -416,6 +568,7 @@ def main(argv=None):
         return sample_main(argv[1:])
     args = parse_args(argv)
     validate(args)  # every check that needs no model: bad input fails in a second
+    args = on_policy_settings(args)
     try:
         return train(args)
     except KeyboardInterrupt:  # while loading, before the first epoch (later ones are Run.stop_guard's)
@@ -501,6 +654,28 @@ class Args:
     stat_min_count: int = arg(16, "below this many rewards for a prompt, use the batch statistics")
     shuffle_advantages: bool = arg(False, "CONTROL: permute advantages across samples; a run that "
                                    "still 'learns' with this is not learning the reward")
+    # the method (paper §4, §6.1) and the GRPO-era options
+    method: str = arg("ddpo_is", "ddpo_is | ddpo_sf | rwr | rwr_sparse: DDPO with importance sampling and "
+                      "clipping (the paper's best), DDPO's plain score-function gradient (on-policy: one optimizer "
+                      "step per epoch, set for you), reward-weighted regression, or its sparse variant")
+    rwr_beta: float = arg(1.0, "rwr: inverse temperature of the weights N * softmax(beta * A) on the "
+                          "normalised rewards A")
+    rwr_top_fraction: float = arg(0.1, "rwr_sparse: the fraction of each epoch's samples trained on (the best)")
+    samples_per_prompt: int = arg(1, "k: each sampling batch holds k images of each of its prompts, and "
+                                  "advantages are normalised within each prompt's group of the epoch (GRPO); "
+                                  "1 = one image per drawn prompt and the per-prompt tracker")
+    global_std: bool = arg(False, "with --samples-per-prompt > 1: divide by the epoch's std, not the group's")
+    kl_coef: float = arg(0.0, "beta: add beta x the KL from the policy's step to the reference model's "
+                         "(the UNet with LoRA disabled; in full fine-tuning, a frozen copy of the initial "
+                         "weights), logged as train/kl_ref (0 = off)")
+    train_timesteps: str = arg(None, "a:b: train only on trajectory steps a..b-1 (step 0 is the first, "
+                               "noisiest); --timestep-fraction then picks within the window")
+    ema_decay: float = arg(0.0, "keep an EMA of the trainable weights with this decay, used for evaluation "
+                           "and saved in checkpoints (0 = off)")
+    eval_every: int = arg(0, "every N epochs and at the end, sample the --eval-prompts from fixed noise "
+                          "(the EMA weights if any) and log eval/* (0 = never)")
+    eval_prompts: str = arg(None, "prompt set or UTF-8 file for evaluation (default: the held-out set of a "
+                            "built-in --prompts, disjoint from it)")
     # bookkeeping
     seed: int = arg(0, "random seed, in [0, 2^31)")
     run_dir: str = arg(None, "directory for config, metrics, images and checkpoints "
@@ -561,6 +736,20 @@ PROMPT_SETS = {
                     "a purple ring on grey", "a orange circle on green", "a blue square on yellow",
                     "a white triangle on purple", "a black ring on orange"],
 }
+# Held-out evaluation prompts, disjoint from their training sets (--eval-prompts' defaults).
+HELD_OUT_ANIMALS = "alpaca beaver bison cheetah donkey elk giraffe hyena jaguar lemur lynx moose".split()
+PROMPT_SETS.update({
+    "animals_heldout": HELD_OUT_ANIMALS,
+    "animals_activities_heldout": [f"{'an' if a[0] in 'aeiou' else 'a'} {a} {act}" for a in HELD_OUT_ANIMALS[:8]
+                                   for act in ACTIVITIES],
+    "tiny_shapes_heldout": ["a blue circle on yellow", "a red square on white", "a green ring on black",
+                            "a yellow triangle on blue", "a white circle on red", "a orange square on purple",
+                            "a purple triangle on green", "a grey ring on red"],
+})
+HELD_OUT = {"simple_animals": "animals_heldout", "imagenet_animals": "animals_heldout",
+            "animals_activities": "animals_activities_heldout", "tiny_shapes": "tiny_shapes_heldout"}
+METHODS = ("ddpo_is", "ddpo_sf", "rwr", "rwr_sparse")
+EVAL_SEED = 20240101  # evaluation noise: the same in every evaluation of every run
 
 
 def build_parser():
@@ -678,6 +867,22 @@ def validate(args: Args):
              f"{args.sample_num_batches} = {samples}) must be divisible by train_batch_size "
              f"{args.train_batch_size} x gradient_accumulation_steps {args.gradient_accumulation_steps} "
              f"= {per_step}")
+    need(args.method in METHODS, "method", args.method, " or ".join(METHODS))
+    need(0 < args.rwr_beta < math.inf, "rwr_beta", args.rwr_beta, "> 0 and finite")
+    need(0 < args.rwr_top_fraction <= 1, "rwr_top_fraction", args.rwr_top_fraction, "in (0, 1]")
+    need(args.samples_per_prompt >= 1 and args.sample_batch_size % args.samples_per_prompt == 0,
+         "samples_per_prompt", args.samples_per_prompt, f">= 1 and divide --sample-batch-size {args.sample_batch_size}")
+    need(not args.global_std or args.samples_per_prompt > 1, "global_std", args.global_std,
+         "used with --samples-per-prompt > 1 (it divides group advantages by the epoch's std)")
+    need(0 <= args.kl_coef < math.inf, "kl_coef", args.kl_coef, ">= 0 and finite")
+    need(args.kl_coef == 0 or args.method in ("ddpo_is", "ddpo_sf"), "kl_coef", args.kl_coef,
+         "0 with --method rwr or rwr_sparse (the KL term is on the policy's DDIM step)")
+    need(0 <= args.ema_decay < 1, "ema_decay", args.ema_decay, "in [0, 1) (0 = off)")
+    need(args.eval_every >= 0, "eval_every", args.eval_every, ">= 0")
+    timestep_window(args)
+    if args.eval_every and args.eval_prompts is None and args.prompts not in HELD_OUT:
+        fail(f"--eval-every needs --eval-prompts with --prompts {args.prompts!r} (held-out sets are known only "
+             f"for the built-in {', '.join(HELD_OUT)})")
     check_device("--device", args.device)
     check_device("--reward-device", args.reward_device)
     if args.model != "tiny" and not os.path.isdir(args.model):
@@ -693,6 +898,32 @@ def validate(args: Args):
     if args.run_dir is not None:
         check_run_dir(Path(args.run_dir), fresh=args.resume is None, overwrite=args.overwrite)
     load_prompts(args.prompts)
+    if args.eval_every:
+        load_prompts(args.eval_prompts or HELD_OUT[args.prompts])
+
+
+def timestep_window(args):
+    """--train-timesteps 'a:b' -> (a, b), or None for the whole trajectory; a bad window fails in one line."""
+    if args.train_timesteps is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", args.train_timesteps)
+    a, b = (int(match[1]), int(match[2])) if match else (None, None)
+    if match is None or not 0 <= a < b <= args.num_steps:
+        fail(f"--train-timesteps must be a:b with 0 <= a < b <= --num-steps {args.num_steps} (got "
+             f"{args.train_timesteps!r})")
+    return a, b
+
+
+def on_policy_settings(args: Args, log=print) -> Args:
+    """DDPO_SF's gradient is unbiased only at the weights that sampled: one optimizer step per epoch and one
+    inner epoch. Sets gradient_accumulation_steps (and num_inner_epochs) so, and says so."""
+    if args.method != "ddpo_sf":
+        return args
+    accumulation = args.sample_batch_size * args.sample_num_batches // args.train_batch_size
+    if (args.gradient_accumulation_steps, args.num_inner_epochs) != (accumulation, 1):
+        log(f"--method ddpo_sf is on-policy: one optimizer step per epoch, so --gradient-accumulation-steps "
+            f"{args.gradient_accumulation_steps} -> {accumulation} and --num-inner-epochs {args.num_inner_epochs} -> 1")
+    return dataclasses.replace(args, gradient_accumulation_steps=accumulation, num_inner_epochs=1)
 
 
 def check_run_dir(run_dir: Path, fresh: bool, overwrite: bool):
@@ -778,6 +1009,11 @@ class Run:
                                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
+        # The KL reference (before restore: it is the initial model) and the EMA of the trainable weights.
+        self.reference = reference_model(self.unet, args) if args.kl_coef > 0 else None
+        self.ema = [p.detach().clone() for p in self.params] if args.ema_decay > 0 else None
+        self.window, self.flat_group_fraction = timestep_window(args), None
+        self.eval_prompts = load_prompts(args.eval_prompts or HELD_OUT[args.prompts]) if args.eval_every else None
         self.start_epoch, self.global_step = 0, 0
         if state is not None:
             self.restore(checkpoint, state)
@@ -812,8 +1048,9 @@ class Run:
         with self.timer(), self.offloaded(self.pipe.vae):
             return decode_images(self.pipe.vae, latents, self.autocast)
 
-    def draw_prompts(self, n):
-        return [self.prompts[i] for i in self.np_rng.integers(len(self.prompts), size=n)]
+    def draw_prompts(self, n, k=1):
+        """n prompts: n / k drawn at random, each repeated k times in a row."""
+        return [self.prompts[i] for i in self.np_rng.integers(len(self.prompts), size=n // k) for _ in range(k)]
 
     def progress(self, iterable, desc):
         from tqdm.auto import tqdm
@@ -830,6 +1067,8 @@ class Run:
                          weight_decay=self.args.adam_weight_decay, eps=self.args.adam_epsilon)
         self.scaler.load_state_dict(state["scaler"])
         self.tracker.load_state_dict(state["tracker"])
+        if self.ema is not None and state.get("ema") is not None:  # else the EMA starts from the weights
+            torch._foreach_copy_(self.ema, [t.to(self.device) for t in state["ema"]])
         if len(state["rng"]) != self.world:
             fail(f"cannot resume from {checkpoint}: it was written by {len(state['rng'])} process(es), this run "
                  f"has {self.world}; the batch arithmetic and every process's random state depend on it")
@@ -842,6 +1081,50 @@ class Run:
         self.epoch, self.in_training = epoch, False
         self.epoch_start_rngs = all_gather_objects(rng_state(self.np_rng, self.sample_gen, self.train_gen))
         self.times, self.step_metrics, self.ratio_dev_onpolicy = {"start": time.perf_counter()}, [], None
+        if self.args.eval_every and epoch % self.args.eval_every == 0:
+            self.evaluate(epoch)
+        self.times["start"] = time.perf_counter()
+
+    def evaluate(self, epoch):
+        """Held-out evaluation: the eval prompts, cycled to one epoch's number of images, from the same noise
+        every time (and in every run), with the EMA weights if any. Every process renders the same images
+        (no communication); rank 0 logs eval/* and writes images/eval_<epoch>.png. Returns (images, rewards)."""
+        args, n = self.args, self.args.sample_batch_size * self.args.sample_num_batches
+        prompts = [self.eval_prompts[i % len(self.eval_prompts)] for i in range(n)]
+        generator = torch.Generator(self.device).manual_seed(EVAL_SEED)
+        images, scores, infos = [], [], {}
+        self.unet.eval()
+        with swapped_weights(self.params, self.ema):
+            for first in range(0, n, args.sample_batch_size):
+                chunk = prompts[first:first + args.sample_batch_size]
+                latents, _ = sample_trajectories(self.unet, self.pipe.scheduler, self.encode(chunk),
+                                                 self.uncond_embeds.expand(len(chunk), -1, -1), self.latent_shape,
+                                                 args.guidance_scale, args.eta, generator, self.autocast)
+                images.append(self.decode(latents[:, -1]))
+                try:
+                    score, info = score_batch(self.reward_fn, images[-1], chunk, args.reward)
+                except rewards_lib.RewardError as e:
+                    raise RunStopped(f"evaluation: {e}") from None
+                scores.append(score)
+                for k, v in info.items():
+                    infos.setdefault(k, []).extend(v)
+        images, rewards = torch.cat(images), torch.cat(scores)
+        self.metrics.write({"epoch": epoch, "step": self.global_step, "eval/reward_mean": rewards.mean().item(),
+                            "eval/reward_std": rewards.std(unbiased=False).item(),
+                            **{f"eval/{k}": float(np.mean(v)) for k, v in infos.items()
+                               if all(isinstance(x, (int, float)) for x in v)}})
+        if self.is_main:
+            save_image_grid(self.run_dir / "images" / f"eval_{epoch:04d}.png", images, prompts, rewards.tolist(), infos)
+        self.log(f"eval  {epoch:4d} | reward {rewards.mean().item():+.4f} ± {rewards.std(unbiased=False).item():.4f}"
+                 f" | {len(prompts)} images of {len(self.eval_prompts)} held-out prompts{' (EMA)' if self.ema else ''}")
+        return images, rewards
+
+    def finish(self):
+        """After the last epoch: the final evaluation (if any) and curves.png."""
+        if self.args.eval_every and self.epoch is not None:
+            self.evaluate(self.args.num_epochs)
+        if self.is_main:
+            plot_curves(self.metrics.records, self.run_dir / "curves.png")
 
     def mark(self, phase):
         self.times[phase] = time.perf_counter()
@@ -882,10 +1165,10 @@ class Run:
         """One optimizer step's metrics (over every process's pairs), one host sync. A non-finite loss,
         gradient norm or weight stops the run here, before it is logged or saved."""
         if distributed():
-            torch.distributed.all_reduce(sums[:4])
-            torch.distributed.all_reduce(sums[4:5], op=torch.distributed.ReduceOp.MAX)
+            torch.distributed.all_reduce(sums[:5])
+            torch.distributed.all_reduce(sums[5:6], op=torch.distributed.ReduceOp.MAX)
         finite_weights = torch.isfinite(torch.stack(torch._foreach_norm(self.params))).all()
-        loss_sum, kl_sum, clipped, count, deviation, grad_norm, weights_ok = \
+        loss_sum, kl_sum, clipped, count, kl_ref_sum, deviation, grad_norm, weights_ok = \
             torch.cat([sums, finite_weights.float().reshape(1).to(sums.device)]).tolist()
         self.global_step += 1
         grad_skipped = self.scaler.is_enabled() and not math.isfinite(grad_norm)  # fp16: the scaler skips the step
@@ -894,11 +1177,14 @@ class Run:
             raise RunStopped(f"diverged: the {what} became non-finite at epoch {epoch}, step {self.global_step} "
                              f"(loss {loss_sum / count}, gradient norm {grad_norm}); nothing of it was saved. "
                              "Lower --learning-rate, or check --guidance-scale and the reward")
-        if self.ratio_dev_onpolicy is None:
+        policy = self.args.method in ("ddpo_is", "ddpo_sf")  # RWR has no log p, hence no ratio
+        if self.ratio_dev_onpolicy is None and policy:
             self.ratio_dev_onpolicy = deviation
-        metrics = {"train/loss": loss_sum / count, "train/approx_kl": kl_sum / count, "train/clipfrac": clipped / count,
-                   "train/ratio_dev_max": deviation, "train/grad_norm": None if grad_skipped else grad_norm,
-                   "train/lr": self.optimizer.param_groups[0]["lr"]}
+        metrics = {"train/loss": loss_sum / count, "train/approx_kl": kl_sum / count if policy else None,
+                   "train/clipfrac": clipped / count if policy else None,
+                   "train/ratio_dev_max": deviation if policy else None,
+                   "train/kl_ref": kl_ref_sum / count if self.args.kl_coef > 0 else None,
+                   "train/grad_norm": None if grad_skipped else grad_norm, "train/lr": self.optimizer.param_groups[0]["lr"]}
         self.step_metrics.append(metrics)
         self.metrics.write({"epoch": epoch, "step": self.global_step, **metrics})
 
@@ -912,15 +1198,18 @@ class Run:
                   **{f"reward_info/{k}": float(np.mean(v)) for k, v in infos.items()
                      if all(isinstance(x, (int, float)) for x in v)},  # strings go to images/*.json
                   **{f"{k}_epoch_mean": mean_of_numbers([m[k] for m in self.step_metrics]) for k in
-                     ("train/loss", "train/approx_kl", "train/clipfrac", "train/grad_norm")},
+                     ("train/loss", "train/approx_kl", "train/clipfrac", "train/kl_ref", "train/grad_norm")},
+                  "train/flat_group_fraction": self.flat_group_fraction,
                   "time/epoch_s": t_end - t["start"], "time/sample_s": t["sampled"] - t["start"],
                   "time/reward_wait_s": t["rewarded"] - t["sampled"], "time/train_s": t_end - t["rewarded"],
                   "time/model_s": self.timer.total(), "samples_per_s": len(rewards) / (t_end - t["start"])}
         self.metrics.write(record)
-        self.log(f"epoch {epoch:4d} | reward {record['reward/mean']:+.4f} ± {record['reward/std']:.4f} | "
-                 f"kl {record['train/approx_kl_epoch_mean']:.2e} | clipfrac {record['train/clipfrac_epoch_mean']:.3f}"
-                 f" | ratio-1 on-policy {self.ratio_dev_onpolicy:.1e} | {record['time/epoch_s']:.1f}s")
-        if self.ratio_dev_onpolicy > 0.1 * args.clip_range and not self.warned_ratio:
+        shown = {"kl {:.2e}": "train/approx_kl_epoch_mean", "clipfrac {:.3f}": "train/clipfrac_epoch_mean",
+                 "kl_ref {:.2e}": "train/kl_ref_epoch_mean", "ratio-1 on-policy {:.1e}": "train/ratio_dev_onpolicy"}
+        self.log(" | ".join([f"epoch {epoch:4d}", f"reward {record['reward/mean']:+.4f} ± {record['reward/std']:.4f}",
+                             *[f.format(record[k]) for f, k in shown.items() if record[k] is not None],
+                             f"{record['time/epoch_s']:.1f}s"]))
+        if args.method == "ddpo_is" and self.ratio_dev_onpolicy > 0.1 * args.clip_range and not self.warned_ratio:
             self.warned_ratio = True
             self.log(f"warning: on-policy |ratio - 1| = {self.ratio_dev_onpolicy:.2e} exceeds 0.1 x --clip-range "
                      f"{args.clip_range:g}: numerical noise, not learning, is moving the clipped objective. Use "
@@ -932,8 +1221,10 @@ class Run:
         if self.is_main:  # the others go on; they wait for rank 0 at the next epoch's gather
             state = {"next_epoch": next_epoch, "global_step": self.global_step,
                      "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                     "tracker": self.tracker.state_dict(), "rng": rngs}
+                     "tracker": self.tracker.state_dict(), "rng": rngs,
+                     "ema": None if self.ema is None else [t.detach().cpu().clone() for t in self.ema]}
             save_checkpoint(self.run_dir, next_epoch, self.unet, state, self.args, self.log)
+            plot_curves(self.metrics.records, self.run_dir / "curves.png")
         self.saved_epoch = next_epoch
 
     @contextlib.contextmanager
@@ -1253,7 +1544,7 @@ class MetricsFile:
     killed mid-write) with a note. Values must be finite: the file stays valid JSON."""
 
     def __init__(self, path, start_epoch, is_main, log):
-        self.file = None
+        self.file, self.records = None, []  # records: every line kept or written, for curves.png
         if not is_main:
             return
         if path.exists():
@@ -1262,6 +1553,7 @@ class MetricsFile:
                 try:
                     if json.loads(line)["epoch"] < start_epoch:
                         keep.append(line)
+                        self.records.append(json.loads(line))
                 except (ValueError, KeyError, TypeError):
                     damaged += 1
             if damaged:
@@ -1273,6 +1565,7 @@ class MetricsFile:
         if self.file:
             self.file.write(json.dumps(record, allow_nan=False) + "\n")
             self.file.flush()
+            self.records.append(record)
 
     def close(self):
         if self.file:
@@ -1304,6 +1597,54 @@ def save_image_grid(path, images, prompts, scores, info=None, max_images=16, col
     rows = [{"prompt": p, "reward": float(r), **{k: v[i] for k, v in info.items()}}
             for i, (p, r) in enumerate(zip(prompts, scores))]
     Path(path).with_suffix(".json").write_text(json.dumps(rows, indent=1))
+
+
+def plot_curves(records, path, size=(360, 220)):
+    """curves.png from metrics records, drawn with PIL: reward mean and spread (mean +- std) per epoch, the
+    eval reward, train/kl_ref and train/clipfrac (epoch means), one panel each; a panel with nothing logged
+    says so. Returns the PIL image."""
+    from PIL import Image, ImageDraw
+
+    def series(key):
+        return [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
+
+    panels = [("reward: mean, mean +- std", series("reward/mean"), series("reward/std")),
+              ("eval reward (held-out prompts)", series("eval/reward_mean"), []),
+              ("train/kl_ref (KL to the reference)", series("train/kl_ref_epoch_mean"), []),
+              ("train/clipfrac", series("train/clipfrac_epoch_mean"), [])]
+    W, H = size
+    image = Image.new("RGB", (2 * W, 2 * H), "white")
+    draw = ImageDraw.Draw(image)
+    for p, (title, points, spread) in enumerate(panels):
+        x0, y0 = (p % 2) * W, (p // 2) * H
+        left, top, right, bottom = x0 + 50, y0 + 20, x0 + W - 10, y0 + H - 25  # the plot area
+        draw.text((x0 + 50, y0 + 4), title, fill="black")
+        draw.rectangle((left, top, right, bottom), outline="gray")
+        if not points:
+            draw.text((left + 10, (top + bottom) // 2), "not logged in this run", fill="gray")
+            continue
+        std = dict(spread)
+        lows = [v - std.get(e, 0) for e, v in points]
+        highs = [v + std.get(e, 0) for e, v in points]
+        e_min, e_max = points[0][0], max(points[-1][0], points[0][0] + 1)
+        v_min, v_max = min(lows), max(highs)
+        if v_max - v_min < 1e-12:
+            v_min, v_max = v_min - 1, v_max + 1
+
+        def xy(e, v):
+            return (left + (e - e_min) / (e_max - e_min) * (right - left),
+                    bottom - (v - v_min) / (v_max - v_min) * (bottom - top))
+
+        if std:
+            band = [xy(e, h) for (e, _), h in zip(points, highs)] + [xy(e, l) for (e, _), l in zip(points[::-1], lows[::-1])]
+            draw.polygon(band, fill=(200, 215, 240))
+        draw.line([xy(e, v) for e, v in points], fill=(20, 60, 200), width=2)
+        for value, y in ((v_max, top), (v_min, bottom)):
+            draw.text((x0 + 2, y - 6), f"{value:.4g}", fill="black")
+        draw.text((left, bottom + 6), f"epoch {e_min}", fill="black")
+        draw.text((right - 60, bottom + 6), f"epoch {e_max}", fill="black")
+    image.save(path)
+    return image
 
 
 class ModelTimer:
@@ -1432,6 +1773,25 @@ def setup_trainable(unet, args):
     if args.compile:  # in place: the module and its state-dict keys stay the same, so checkpoints do too
         unet.compile()
     return params
+
+
+def reference_model(unet, args):
+    """The KL reference as a context manager factory yielding a UNet: with LoRA, the same UNet with its
+    adapters disabled (peft's toggle: no second copy); in full fine-tuning, a frozen copy of the weights
+    as they are now (call before loading a checkpoint: the reference is the initial model)."""
+    if args.lora_rank > 0:
+        @contextlib.contextmanager
+        def adapters_disabled():
+            unet.disable_adapters()
+            try:
+                yield unet
+            finally:
+                unet.enable_adapters()
+        return adapters_disabled
+    import copy
+
+    frozen = copy.deepcopy(unet).requires_grad_(False).eval()
+    return lambda: contextlib.nullcontext(frozen)
 
 
 def precision(args, device):

@@ -196,8 +196,10 @@ def test_gather_pairs_takes_each_pair_from_its_sample_and_step():
     N, T = 3, 4
     samples = {"latents": torch.arange(N * T * 2.0).reshape(N, T, 2), "next_latents": -torch.arange(N * T * 2.0).reshape(N, T, 2),
                "timesteps": torch.arange(N * T).reshape(N, T) * 10, "log_probs": torch.arange(N * T).reshape(N, T) / 10,
-               "embeds": torch.arange(N * 5.0).reshape(N, 5), "advantages": torch.tensor([1.0, 2.0, 3.0])}
+               "embeds": torch.arange(N * 5.0).reshape(N, 5), "advantages": torch.tensor([1.0, 2.0, 3.0]),
+               "final_latents": torch.tensor([[7.0], [8.0], [9.0]])}
     batch = ddpo.gather_pairs(samples, torch.tensor([2, 0]), torch.tensor([1, 3]))
+    assert batch["x_0"].tolist() == [[9.0], [7.0]]  # RWR's x_0: the sample's final latent, whatever the step
     assert batch["t"].tolist() == [90, 30] and batch["advantages"].tolist() == [3.0, 1.0]
     assert batch["x_t"].tolist() == [[18.0, 19.0], [6.0, 7.0]] and batch["x_prev"].tolist() == [[-18.0, -19.0], [-6.0, -7.0]]
     assert batch["old_log_prob"].tolist() == pytest.approx([0.9, 0.3]) and batch["embeds"][0].tolist() == [10, 11, 12, 13, 14]
@@ -1062,7 +1064,7 @@ def test_training_step_through_the_kernel_equals_the_reference(monkeypatch):
     g = torch.Generator().manual_seed(0)
     latents, log_probs = ddpo.sample_trajectories(pipe.unet, pipe.scheduler, embeds, uncond.expand(4, -1, -1),
                                                   TINY_LATENT, args.guidance_scale, args.eta, g)
-    samples = {"embeds": embeds, "latents": latents[:, :-1], "next_latents": latents[:, 1:], "log_probs": log_probs,
+    samples = {"embeds": embeds, "latents": latents[:, :-1], "next_latents": latents[:, 1:], "final_latents": latents[:, -1], "log_probs": log_probs,
                "timesteps": pipe.scheduler.timesteps.repeat(4, 1), "advantages": torch.tensor([1.0, -0.5, 2.0, -2.5])}
     args = dataclasses.replace(args, train_batch_size=4, gradient_accumulation_steps=1, timestep_fraction=0.3)
     results = {fused: step_gradients(pipe, samples, uncond, args, torch.Generator().manual_seed(1), fused=fused)
@@ -1095,7 +1097,7 @@ def test_packed_micro_batches_give_the_one_timestep_at_a_time_gradient():
     latents, log_probs = ddpo.sample_trajectories(pipe.unet, pipe.scheduler, embeds, uncond.expand(N, -1, -1),
                                                   TINY_LATENT, args.guidance_scale, args.eta,
                                                   torch.Generator().manual_seed(0))
-    samples = {"embeds": embeds, "latents": latents[:, :-1], "next_latents": latents[:, 1:], "log_probs": log_probs,
+    samples = {"embeds": embeds, "latents": latents[:, :-1], "next_latents": latents[:, 1:], "final_latents": latents[:, -1], "log_probs": log_probs,
                "timesteps": pipe.scheduler.timesteps.repeat(N, 1),
                "advantages": torch.randn(N, generator=torch.Generator().manual_seed(2))}
     # The reference: the same shuffles (same generator, same draws), then the one-timestep-at-a-time loop.
@@ -1232,7 +1234,7 @@ def test_exact_ratio_mode_makes_the_on_policy_ratio_exactly_one(lora):
         latents, log_probs = ddpo.sample_trajectories(pipe.unet, pipe.scheduler, embeds, uncond.expand(8, -1, -1),
                                                       TINY_LATENT, args.guidance_scale, args.eta,
                                                       torch.Generator().manual_seed(0), autocast)
-        samples = {"embeds": embeds, "latents": latents[:, :-1], "next_latents": latents[:, 1:],
+        samples = {"embeds": embeds, "latents": latents[:, :-1], "next_latents": latents[:, 1:], "final_latents": latents[:, -1],
                    "log_probs": log_probs, "timesteps": pipe.scheduler.timesteps.repeat(8, 1),
                    "advantages": torch.randn(8, generator=torch.Generator().manual_seed(2))}
         pipe.unet.train()
@@ -1244,7 +1246,7 @@ def test_exact_ratio_mode_makes_the_on_policy_ratio_exactly_one(lora):
         plan = ddpo.training_plan(8, args.num_steps, 4, 1, 0.3, 6, torch.Generator().manual_seed(1))
 
         def first_step_deviation(s):
-            return max((loss_fn(ddpo.gather_pairs(s, i, j))[2] - 1).abs().max().item() for i, j in plan[0])
+            return max((loss_fn(ddpo.gather_pairs(s, i, j))[1]["ratio"] - 1).abs().max().item() for i, j in plan[0])
 
         rescored = ddpo.rescore_old_log_probs(loss_fn, samples, plan)
         assert all(p.grad is None for p in params)  # a forward only: nothing to accumulate
