@@ -3,12 +3,14 @@
 Black, Janner, Du, Kostrikov, Levine, "Training Diffusion Models with Reinforcement Learning" (ICLR 2024,
 arXiv 2305.13301). A denoising trajectory x_T -> ... -> x_0 is an episode (paper §4.3); each DDIM step with
 eta > 0 is a Gaussian action with an exact log-likelihood; the reward r(x_0, c) arrives at the end. DDPO_IS,
-the paper's main method (§4.3), takes PPO-style clipped steps on the per-step likelihood ratios.
+the paper's main method (§4.3), takes PPO-style clipped steps on the per-step likelihood ratios; the same
+loop runs the paper's other methods (--method ddpo_sf | rwr | rwr_sparse) and the GRPO-era options (k
+images per prompt, a KL term to the reference model, a timestep window, EMA weights, held-out evaluation).
 
 Reading order (the file is in this order):
     1. ddim_step_with_logprob   one DDIM step x_t -> x_{t-1} and its log-probability (the policy)
-    2. PerPromptStatTracker     rewards -> advantages, normalised per prompt
-    3. ddpo_loss                the clipped surrogate
+    2. PerPromptStatTracker     rewards -> advantages, normalised per prompt (group_advantages: per k-group)
+    3. ddpo_loss                the clipped surrogate (beside it DDPO_SF's, RWR's weights and loss, the KL)
     4. sample_trajectories      trajectories with the log-prob of every step
     5. micro_batch_loss         the training step: UNet call -> log p -> loss; training_plan, optimizer_step
     6. train                    the epoch loop: sample, reward, advantages, train, log
@@ -21,6 +23,8 @@ Run it:
     python ddpo.py --preset tiny                                   # JPEG compressibility
     python ddpo.py --preset tiny --reward jpeg_incompressibility
     python ddpo.py --preset tiny --reward brightness --shuffle-advantages   # a control: must NOT learn
+    python ddpo.py --preset tiny --method rwr                      # the paper's baselines: ddpo_sf, rwr, rwr_sparse
+    python ddpo.py --preset tiny --samples-per-prompt 4 --kl-coef 1 --ema-decay 0.9 --eval-every 10
     # One GPU: Stable Diffusion v1.4 + LoRA, the paper's compressibility run (sizes are per process)
     python ddpo.py --preset compressibility
     python ddpo.py --preset compressibility --model /path/to/local/sd --resume auto --run-dir runs/c1
@@ -1574,25 +1578,31 @@ class MetricsFile:
 
 
 def save_image_grid(path, images, prompts, scores, info=None, max_images=16, cols=4):
-    """A PNG grid: each image (upscaled to at least 128 px) over its prompt, reward and first text info
-    (e.g. the LLaVA answer); beside it a .json with every image's prompt, reward and info in full."""
+    """A PNG grid: each image (upscaled to at least 128 px) over its whole prompt (wrapped to the image's
+    width), its reward and its first text info (e.g. the LLaVA answer, cut to one line); beside it a .json
+    with every image's prompt, reward and info in full."""
+    import textwrap
+
     from PIL import Image, ImageDraw
 
     info = info or {}
     images = rewards_lib.to_uint8_hwc(images[:max_images])
     texts = [k for k, v in info.items() if v and isinstance(v[0], str)]
-    side, caption = max(128, images.shape[1]), 24 + 11 * bool(texts)
+    side = max(128, images.shape[1])
+    width = (side - 4) // 6  # characters per line of PIL's default font (6 px each)
+    lines = [textwrap.wrap(p, width) or [""] for p in prompts[:len(images)]]
+    caption = 11 * (max(map(len, lines)) + 1 + bool(texts)) + 2  # prompt lines, the reward, the info
     cols = min(cols, len(images))
     rows = math.ceil(len(images) / cols)
     grid = Image.new("RGB", (cols * side, rows * (side + caption)), "white")
     draw = ImageDraw.Draw(grid)
-    for i, (array, prompt, score) in enumerate(zip(images, prompts, scores)):
+    for i, (array, prompt_lines, score) in enumerate(zip(images, lines, scores)):
         x, y = (i % cols) * side, (i // cols) * (side + caption)
         grid.paste(Image.fromarray(array).resize((side, side), Image.NEAREST), (x, y))
-        draw.text((x + 2, y + side + 1), prompt[: side // 6], fill="black")
-        draw.text((x + 2, y + side + 12), f"r = {float(score):.4g}", fill="black")
+        for k, line in enumerate(prompt_lines + [f"r = {float(score):.4g}"]):
+            draw.text((x + 2, y + side + 1 + 11 * k), line, fill="black")
         if texts:
-            draw.text((x + 2, y + side + 23), str(info[texts[0]][i])[: side // 6], fill="gray")
+            draw.text((x + 2, y + side + 1 + 11 * (len(prompt_lines) + 1)), str(info[texts[0]][i])[:width], fill="gray")
     grid.save(path)
     rows = [{"prompt": p, "reward": float(r), **{k: v[i] for k, v in info.items()}}
             for i, (p, r) in enumerate(zip(prompts, scores))]

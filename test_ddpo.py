@@ -8,8 +8,10 @@ input checks, then (slow) the training pieces and whole runs on the tiny model.
 """
 
 import contextlib
+import copy
 import dataclasses
 import errno
+import functools
 import io
 import json
 import math
@@ -167,6 +169,131 @@ def test_clipped_loss_hand_values_and_gradients():
     # d/dlogp of -A r = -A r where unclipped, 0 where the clipped term wins
     expected = torch.tensor([-1.1, 0.0, 1.5, 0.0, -0.5, -5.0]) / 6
     torch.testing.assert_close(logp.grad, expected)
+
+
+def test_ddpo_sf_loss_hand_values_and_gradients():
+    adv = torch.tensor([2.0, -1.0, 7.0])
+    logp = torch.tensor([-0.5, 0.25, -1.0], requires_grad=True)
+    loss = ddpo.ddpo_sf_loss(logp, adv, adv_clip_max=5.0)
+    torch.testing.assert_close(loss, torch.tensor(-(2 * -0.5 + -1 * 0.25 + 5 * -1.0) / 3))  # A clamped to 5
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([-2.0, 1.0, -5.0]) / 3)  # -A / B: REINFORCE
+
+
+def test_rwr_weights_hand_worked():
+    ln2 = math.log(2)
+    # exp(beta * A) for beta = 2, A = (0, ln2 / 2, -ln2 / 2): 1, 2, 1/2; N * softmax = 3 * (1, 2, 0.5) / 3.5
+    np.testing.assert_allclose(ddpo.rwr_weights([0.0, ln2 / 2, -ln2 / 2], beta=2.0), 3 * np.array([1, 2, 0.5]) / 3.5)
+    np.testing.assert_allclose(ddpo.rwr_weights([800.0, 800.0], beta=1.0), [1.0, 1.0])  # no overflow
+    # sparse: the top ceil(10% of 25) = 3 by A (ties by order), weight 25/3 each, mean 1
+    a = np.zeros(25)
+    a[[4, 9]], a[[1, 20]] = 3.0, 1.0
+    w = ddpo.rwr_weights(a, beta=1.0, sparse=True, top_fraction=0.1)
+    assert np.flatnonzero(w).tolist() == [1, 4, 9] and np.allclose(w[[1, 4, 9]], 25 / 3) and w.mean() == pytest.approx(1)
+
+
+def test_weighted_denoising_loss_hand_values_and_gradients():
+    prediction = torch.tensor([[1.0, 3.0], [0.0, 0.0]], requires_grad=True).reshape(2, 1, 1, 2)
+    prediction.retain_grad()
+    target = torch.tensor([[0.0, 1.0], [1.0, 1.0]]).reshape(2, 1, 1, 2)
+    weights = torch.tensor([0.5, 3.0])
+    loss = ddpo.weighted_denoising_loss(prediction, target, weights)
+    # per pair mean squared error: (1 + 4) / 2 = 2.5 and (1 + 1) / 2 = 1; weighted mean (0.5 * 2.5 + 3 * 1) / 2
+    torch.testing.assert_close(loss, torch.tensor(2.125))
+    loss.backward()  # d/dp = w * 2 (p - y) / elements / pairs
+    torch.testing.assert_close(prediction.grad.reshape(2, 2), torch.tensor([[0.25, 0.5], [-1.5, -1.5]]))
+
+
+def test_gaussian_kl_equals_float64_formula_and_monte_carlo():
+    g = torch.Generator().manual_seed(0)
+    mean, mean_ref = torch.randn(3, 2, 4, 5, generator=g), torch.randn(3, 2, 4, 5, generator=g)
+    std = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    kl = ddpo.gaussian_kl(mean, mean_ref, std)
+    direct = ((mean.double() - mean_ref.double()) ** 2 / (2 * std.view(3, 1, 1, 1) ** 2)).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(kl.double(), direct, rtol=1e-6, atol=0)
+    # KL = E_{x ~ policy}[log p(x) - log p_ref(x)], estimated with 20000 draws of the first sample
+    x = mean[:1] + std[0].float() * torch.randn(20000, 2, 4, 5, generator=g)
+    monte_carlo = (ddpo.gaussian_log_prob(x, mean[:1], std[:1].expand(20000))
+                   - ddpo.gaussian_log_prob(x, mean_ref[:1], std[:1].expand(20000))).double().mean()
+    assert monte_carlo.item() == pytest.approx(kl[0].item(), rel=0.03)
+
+
+def test_group_advantages_are_zero_mean_per_group_and_flat_groups_give_nothing():
+    prompts = ["a", "b", "a", "c", "b", "a", "c", "b", "a", "c", "b", "c"]
+    rewards = np.array([1.0, 5.0, 3.0, 2.0, 6.0, 2.0, 2.0, 8.0, 6.0, 2.0, 5.0, 2.0])  # c: all 2.0 (flat)
+    adv, flat = ddpo.group_advantages(prompts, rewards)
+    assert flat == pytest.approx(1 / 3)
+    p = np.array(prompts)
+    for group in "abc":
+        assert abs(adv[p == group].mean()) < 1e-12
+    np.testing.assert_allclose(adv[p == "a"], (np.array([1, 3, 2, 6]) - 3) / (np.std([1, 3, 2, 6]) + 1e-6))
+    assert np.all(adv[p == "c"] == 0)
+    adv_global, _ = ddpo.group_advantages(prompts, rewards, global_std=True)
+    np.testing.assert_allclose(adv_global[p == "b"], (np.array([5, 6, 8, 5]) - 6) / (rewards.std() + 1e-6))
+    assert np.all(adv_global[p == "c"] == 0)
+
+
+def test_training_plan_window_trains_only_the_named_steps():
+    N, T = 8, 10
+    full = ddpo.training_plan(N, T, 4, 1, 1.0, 4, torch.Generator().manual_seed(3), window=(3, 7))
+    pairs = [(i, j) for step in full for mi, mj in step for i, j in zip(mi.tolist(), mj.tolist())]
+    assert sorted(pairs) == [(i, j) for i in range(N) for j in range(3, 7)]  # each sample, steps 3..6 once
+    half = ddpo.training_plan(N, T, 4, 1, 0.5, 4, torch.Generator().manual_seed(3), window=(3, 7))
+    steps = [j for step in half for _, mj in step for j in mj.tolist()]
+    assert len(steps) == N * 2 and set(steps) <= {3, 4, 5, 6}  # half of the 4-step window, per sample
+    default = ddpo.training_plan(N, T, 4, 1, 0.5, 4, torch.Generator().manual_seed(3))
+    explicit = ddpo.training_plan(N, T, 4, 1, 0.5, 4, torch.Generator().manual_seed(3), window=(0, T))
+    assert all(torch.equal(a, b) for s, t in zip(default, explicit) for x, y in zip(s, t) for a, b in zip(x, y))
+
+
+def test_ema_update_matches_the_formula_and_swapped_weights_restore():
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+    ema = [p.clone() for p in params]
+    expected = [p.double() for p in params]
+    for _ in range(3):
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g))
+        ddpo.ema_update(ema, params, 0.9)
+        expected = [0.9 * e + 0.1 * p.double() for e, p in zip(expected, params)]
+    for e, x in zip(ema, expected):
+        torch.testing.assert_close(e.double(), x, rtol=1e-6, atol=1e-6)
+    before = [p.clone() for p in params]
+    with ddpo.swapped_weights(params, ema):
+        assert all(torch.equal(p, e) for p, e in zip(params, ema))
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_curves_png_draws_the_logged_series(tmp_path):
+    records = [{"epoch": e, "reward/mean": e / 9, "reward/std": 0.0, "train/clipfrac_epoch_mean": 0.5} for e in range(10)]
+    image = np.asarray(ddpo.plot_curves(records, tmp_path / "curves.png"))
+    assert (tmp_path / "curves.png").is_file()
+    W, H = 360, 220
+    line = (image[..., 2] > 150) & (image[..., 0] < 60)  # the blue curve
+    rows_at = lambda x: np.flatnonzero(line[:H, x])  # the first panel: reward rising from 0 to 1
+    left, right, top, bottom = 50, W - 10, 20, H - 25
+    assert abs(rows_at(left + 2).mean() - bottom) < 4 and abs(rows_at(right - 2).mean() - top) < 4
+    assert not line[:H, W:].any() and not line[H:, :W].any()  # eval reward and kl_ref: not logged
+    assert line[H:, W:].any()  # clipfrac, a flat line
+
+
+def test_image_grid_wraps_whole_captions_and_shows_the_reward(tmp_path):
+    import textwrap
+
+    from PIL import Image
+
+    long = "a striped red circle on speckled blue, " * 3
+    ddpo.save_image_grid(tmp_path / "grid.png", torch.ones(2, 3, 32, 32), [long, "short"], [1.0, -2.5])
+    grid = np.asarray(Image.open(tmp_path / "grid.png").convert("L"))
+    lines = textwrap.wrap(long, (128 - 4) // 6)
+    assert len(lines) == 6 and grid.shape == (128 + 11 * (len(lines) + 1) + 2, 256)  # 6 caption lines + reward
+
+    def ink(column, line):  # dark pixels in the band of caption line `line` under image `column`
+        return (grid[128 + 1 + 11 * line:128 + 11 + 11 * line, 128 * column:128 * (column + 1)] < 128).any()
+
+    assert all(ink(0, k) for k in range(len(lines) + 1))  # every line of the long caption, then the reward
+    assert ink(1, 0) and ink(1, 1) and not any(ink(1, k) for k in range(2, len(lines) + 1))
+    assert json.loads((tmp_path / "grid.json").read_text())[0]["prompt"] == long
 
 
 def test_training_plan_covers_each_sample_once_in_the_published_order():
@@ -800,6 +927,22 @@ def user_rewards(tmp_path, monkeypatch):
     (["--resume", "NOT_A_CHECKPOINT"], "is not a checkpoint directory (no config.json or trainer_state.pt)"),
     (["--run-dir", "A_FILE"], "is a file, not a directory"),
     (["--run-dir", "UNDER_A_FILE"], "is a file, not a directory"),
+    (["--method", "ppo"], "--method must be ddpo_is or ddpo_sf or rwr or rwr_sparse (got 'ppo')"),
+    (["--method", "rwr", "--rwr-beta", "0"], "--rwr-beta must be > 0 and finite (got 0.0)"),
+    (["--method", "rwr_sparse", "--rwr-top-fraction", "0"], "--rwr-top-fraction must be in (0, 1] (got 0.0)"),
+    (["--samples-per-prompt", "3"], "--samples-per-prompt must be >= 1 and divide --sample-batch-size 32 (got 3)"),
+    (["--samples-per-prompt", "0"], "--samples-per-prompt must be >= 1"),
+    (["--global-std"], "--global-std must be used with --samples-per-prompt > 1"),
+    (["--kl-coef", "-1"], "--kl-coef must be >= 0 and finite (got -1.0)"),
+    (["--kl-coef", "nan"], "--kl-coef must be >= 0 and finite (got nan)"),
+    (["--kl-coef", "0.1", "--method", "rwr"], "--kl-coef must be 0 with --method rwr or rwr_sparse"),
+    (["--train-timesteps", "5:3"], "--train-timesteps must be a:b with 0 <= a < b <= --num-steps 10 (got '5:3')"),
+    (["--train-timesteps", "0:11"], "--train-timesteps must be a:b with 0 <= a < b <= --num-steps 10 (got '0:11')"),
+    (["--train-timesteps", "early"], "--train-timesteps must be a:b with 0 <= a < b"),
+    (["--ema-decay", "1"], "--ema-decay must be in [0, 1) (0 = off) (got 1.0)"),
+    (["--eval-every", "-1"], "--eval-every must be >= 0 (got -1)"),
+    (["--eval-every", "5", "--prompts", "LATIN1"], "--eval-every needs --eval-prompts with --prompts"),
+    (["--eval-every", "5", "--eval-prompts", "no_such_set"], "--prompts 'no_such_set' is neither a built-in set"),
 ])
 def test_bad_input_fails_in_one_line_before_models_load(argv, message, monkeypatch, tmp_path, user_rewards):
     if torch.cuda.is_available() and argv == ["--device", "cuda"]:
@@ -827,6 +970,21 @@ def test_preset_first_then_flags_override():
     assert args.num_epochs == 7 and args.model == "tiny" and args.resolution is None
     assert args.per_prompt_stat_tracking is False
     assert ddpo.parse_args(["--preset", "aesthetic"]).gradient_accumulation_steps == 4
+
+
+def test_ddpo_sf_is_made_on_policy_with_a_note(capsys):
+    args = ddpo.on_policy_settings(ddpo.parse_args(["--preset", "tiny", "--method", "ddpo_sf", "--num-inner-epochs", "2"]))
+    assert (args.gradient_accumulation_steps, args.num_inner_epochs) == (4, 1)  # 64 samples = 4 x 16: one step
+    assert "--gradient-accumulation-steps 1 -> 4 and --num-inner-epochs 2 -> 1" in capsys.readouterr().out
+    unchanged = ddpo.parse_args(["--preset", "tiny"])
+    assert ddpo.on_policy_settings(unchanged) is unchanged
+
+
+def test_held_out_prompt_sets_are_disjoint_from_their_training_sets():
+    for train, held_out in ddpo.HELD_OUT.items():
+        assert not set(ddpo.PROMPT_SETS[train]) & set(ddpo.PROMPT_SETS[held_out]), train
+    words = lambda prompts: {w for p in prompts for w in p.split()}
+    assert words(ddpo.PROMPT_SETS["tiny_shapes_heldout"]) <= words(ddpo.PROMPT_SETS["tiny_shapes"])  # known words
 
 
 def test_help_names_the_presets_the_prompt_sets_and_the_sample_command(capsys):
@@ -1028,7 +1186,6 @@ def step_gradients(pipe, samples, uncond, args, generator, fused=False, autocast
     """The training phase of one epoch as train() runs it (training_plan -> optimizer_step over
     micro_batch_loss), with an optimizer of learning rate 0 that records each step's (clipped) gradients
     instead of stepping. Returns (each step's mean loss, each step's gradients)."""
-    import functools
 
     params = [p for p in pipe.unet.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.0)
@@ -1238,7 +1395,6 @@ def test_exact_ratio_mode_makes_the_on_policy_ratio_exactly_one(lora):
                    "log_probs": log_probs, "timesteps": pipe.scheduler.timesteps.repeat(8, 1),
                    "advantages": torch.randn(8, generator=torch.Generator().manual_seed(2))}
         pipe.unet.train()
-        import functools
 
         loss_fn = functools.partial(ddpo.micro_batch_loss, pipe.unet, pipe.scheduler, uncond_embeds=uncond,
                                     guidance_scale=args.guidance_scale, eta=args.eta, clip_range=args.clip_range,
@@ -1260,6 +1416,116 @@ def test_exact_ratio_mode_makes_the_on_policy_ratio_exactly_one(lora):
         assert changed.any() and not (changed & ~kept).any()  # only the trained pairs are re-scored
         torch.testing.assert_close(rescored["log_probs"], samples["log_probs"], rtol=1e-5, atol=1e-5)
         assert all(rescored[k] is samples[k] for k in samples if k != "log_probs")
+
+
+def tiny_pipe(args):
+    """The tiny pretrained pipeline, set up for training as Run does it (CPU, float32)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler.set_timesteps(args.num_steps)
+    ddpo.select_unet_kernels(pipe.unet, torch.device("cpu"))
+    return pipe, ddpo.setup_trainable(pipe.unet, args)
+
+
+@slow
+@pytest.mark.parametrize("lora", [True, False], ids=["lora_adapters_disabled", "full_frozen_copy"])
+def test_kl_to_the_reference_is_zero_before_the_first_update_and_float64_after(lora):
+    """The reference is the UNet with LoRA disabled (LoRA's B starts at 0) or a frozen copy of the initial
+    weights: KL exactly 0 before the first update; after one AdamW step, > 0 and equal to the float64 KL
+    of the two DDIM steps' Gaussians computed from the UNet outputs (reference_step64, eqs. 12, 16). The
+    tolerance: mu - mu_ref is a difference of float32 numbers ~1e3 times larger than itself."""
+    args = ddpo.parse_args(["--preset", "tiny", "--kl-coef", "1", *(LORA_CFG if lora else [])])
+    pipe, params = tiny_pipe(args)
+    initial = None if lora else copy.deepcopy(pipe.unet)
+    reference = ddpo.reference_model(pipe.unet, args)
+    prompts = ddpo.PROMPT_SETS["tiny_shapes"][:4]
+    embeds, uncond = ddpo.encode_prompts(pipe, prompts), ddpo.encode_prompts(pipe, [""])
+    latents, log_probs = ddpo.sample_trajectories(pipe.unet, pipe.scheduler, embeds, uncond.expand(4, -1, -1), TINY_LATENT,
+                                                  args.guidance_scale, args.eta, torch.Generator().manual_seed(0))
+    samples = {"embeds": embeds, "latents": latents[:, :-1], "next_latents": latents[:, 1:], "final_latents": latents[:, -1],
+               "log_probs": log_probs, "timesteps": pipe.scheduler.timesteps.repeat(4, 1),
+               "advantages": torch.tensor([1.5, -1.0, 0.5, -1.0])}
+    batch = ddpo.gather_pairs(samples, torch.arange(4), torch.tensor([0, 3, 5, 9]))
+    loss_fn = functools.partial(ddpo.micro_batch_loss, pipe.unet, pipe.scheduler, uncond_embeds=uncond,
+                                guidance_scale=args.guidance_scale, eta=args.eta, clip_range=args.clip_range,
+                                adv_clip_max=args.adv_clip_max, kl_coef=1.0, reference=reference)
+    pipe.unet.train()
+    loss, stats = loss_fn(batch)
+    assert torch.equal(stats["kl_ref"], torch.zeros(4))
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        _, stats = loss_fn(batch)
+
+        def eps(unet):
+            x, t = batch["x_t"], batch["t"]
+            if args.guidance_scale <= 1:
+                return unet(x, t, batch["embeds"]).sample.double()
+            e_u, e_c = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond.expand(4, -1, -1), batch["embeds"]])).sample.double().chunk(2)
+            return e_u + args.guidance_scale * (e_c - e_u)
+
+        mu, std, _ = reference_step64(pipe.scheduler, eps(pipe.unet), batch["t"], batch["x_t"], batch["x_prev"], args.eta)
+        if lora:
+            pipe.unet.disable_adapters()
+        mu_ref, _, _ = reference_step64(pipe.scheduler, eps(pipe.unet if lora else initial), batch["t"], batch["x_t"],
+                                        batch["x_prev"], args.eta)
+        pipe.unet.enable_adapters() if lora else None
+    kl64 = ((mu - mu_ref) ** 2).mean(dim=(1, 2, 3)) / (2 * std**2)
+    assert (kl64 > 0).all()
+    torch.testing.assert_close(stats["kl_ref"].double(), kl64, rtol=2e-3, atol=0)
+
+
+@slow
+def test_evaluation_renders_the_same_images_from_the_same_weights_with_the_ema(tmp_path):
+    args = ddpo.parse_args([*TINY_QUICK, "--eval-every", "1", "--ema-decay", "0.5", "--run-dir", str(tmp_path)])
+    run = ddpo.Run(args)
+    try:
+        images, rewards = run.evaluate(0)
+        again, rewards_again = run.evaluate(0)
+        assert torch.equal(images, again) and torch.equal(rewards, rewards_again)
+        with torch.no_grad():  # the training weights move, the EMA does not: evaluation renders with the EMA
+            for p in run.params:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+        moved = [p.detach().clone() for p in run.params]
+        assert torch.equal(run.evaluate(1)[0], images)
+        assert all(torch.equal(p, m) for p, m in zip(run.params, moved))  # weights put back after
+        run.ema = None
+        assert not torch.equal(run.evaluate(2)[0], images)  # without an EMA: the moved weights
+    finally:
+        run.reward_worker.close()
+        run.metrics.close()
+    rows = json.loads((tmp_path / "images" / "eval_0000.json").read_text())
+    held_out = ddpo.PROMPT_SETS["tiny_shapes_heldout"]
+    assert [r["prompt"] for r in rows] == held_out  # 8 images per epoch: each held-out prompt once
+
+
+@slow
+@pytest.mark.parametrize("method", ddpo.METHODS)
+def test_each_method_trains_in_a_run_with_groups_a_window_and_the_kl(method, tmp_path, monkeypatch):
+    """Two epochs of 16 samples (4 prompts x k = 4), trained on trajectory steps 1..2 only: DDPO_SF takes one
+    optimizer step per epoch, the others two; RWR logs no log-prob metrics; the KL to the reference is 0 at
+    the first step (before any update) and > 0 later."""
+    seen = []
+    gather = ddpo.gather_pairs
+    monkeypatch.setattr(ddpo, "gather_pairs", lambda s, i, j: seen.append(j.clone()) or gather(s, i, j))
+    policy = method in ("ddpo_is", "ddpo_sf")
+    ddpo.main([*TINY_QUICK, "--sample-num-batches", "2", "--num-epochs", "2", "--method", method, "--image-every", "1",
+               "--samples-per-prompt", "4", "--train-timesteps", "1:3", *(["--kl-coef", "0.5"] if policy else []),
+               "--run-dir", str(tmp_path)])
+    epochs, steps = read_metrics(tmp_path)
+    assert len(steps) == (2 if method == "ddpo_sf" else 4)
+    assert set(torch.cat(seen).tolist()) == {1, 2}
+    assert all(math.isfinite(s["train/loss"]) for s in steps)
+    assert all((s["train/approx_kl"] is not None) == policy for s in steps)
+    if policy:
+        assert steps[0]["train/kl_ref"] == 0 and steps[-1]["train/kl_ref"] > 0
+    assert all(0 <= e["train/flat_group_fraction"] <= 1 for e in epochs)
+    prompts = [r["prompt"] for r in json.loads((tmp_path / "images" / "epoch_0000.json").read_text())]
+    assert all(len(set(prompts[g:g + 4])) == 1 for g in range(0, 8, 4))  # k = 4 images of each prompt, in a row
+    assert (tmp_path / "curves.png").is_file()
 
 
 # ======================================================================================================
@@ -1473,8 +1739,10 @@ def unet_weights(checkpoint):
 
 @slow
 def test_resume_is_exact(tmp_path):
-    """4 epochs straight == 2 epochs, then --resume auto for 2 more: bitwise, weights and metrics."""
-    common = ["--preset", "tiny", "--image-every", "0", "--save-every", "2", *SMALL_EPOCH]
+    """4 epochs straight == 2 epochs, then --resume auto for 2 more: bitwise, weights and metrics, and the
+    EMA (saved in the checkpoint; the evaluations render with it)."""
+    common = ["--preset", "tiny", "--image-every", "0", "--save-every", "2", *SMALL_EPOCH, "--ema-decay", "0.8",
+              "--eval-every", "1"]
     ddpo.main([*common, "--num-epochs", "4", "--run-dir", str(tmp_path / "straight")])
     ddpo.main([*common, "--num-epochs", "2", "--run-dir", str(tmp_path / "resumed")])
     ddpo.main([*common, "--num-epochs", "4", "--run-dir", str(tmp_path / "resumed"), "--resume", "auto"])
@@ -1486,6 +1754,13 @@ def test_resume_is_exact(tmp_path):
     (ea, sa), (eb, sb) = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
     assert [e["epoch"] for e in eb] == [0, 1, 2, 3]  # appended, no duplicates
     assert untimed(ea) == untimed(eb) and untimed(sa) == untimed(sb)
+    evals = lambda run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+                         if "eval/reward_mean" in line]
+    assert [e["epoch"] for e in evals("resumed")] == [0, 1, 2, 3, 4] and evals("straight") == evals("resumed")
+    ema = [torch.load(tmp_path / run / "checkpoints" / "epoch_0004" / "trainer_state.pt")["ema"]
+           for run in ("straight", "resumed")]
+    assert len(ema[0]) == len(list(a)) and all(torch.equal(x, y) for x, y in zip(*ema))
+    assert not all(torch.equal(x, a[k]) for x, k in zip(ema[0], a))  # an average, not the weights
 
 
 DDP_SCRIPT = """
