@@ -572,7 +572,7 @@ def main(argv=None):
         return sample_main(argv[1:])
     args = parse_args(argv)
     validate(args)  # every check that needs no model: bad input fails in a second
-    args = on_policy_settings(args)
+    args = on_policy_settings(args, print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a: None))
     try:
         return train(args)
     except KeyboardInterrupt:  # while loading, before the first epoch (later ones are Run.stop_guard's)
@@ -1113,6 +1113,7 @@ class Run:
                 for k, v in info.items():
                     infos.setdefault(k, []).extend(v)
         images, rewards = torch.cat(images), torch.cat(scores)
+        self.timer.total()  # drop evaluation's model time: time/model_s is the epoch's
         self.metrics.write({"epoch": epoch, "step": self.global_step, "eval/reward_mean": rewards.mean().item(),
                             "eval/reward_std": rewards.std(unbiased=False).item(),
                             **{f"eval/{k}": float(np.mean(v)) for k, v in infos.items()
@@ -1842,6 +1843,8 @@ def sample_main(argv):
     parser.add_argument("--num-images", type=int, default=8, help="images per row")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and the noise")
     parser.add_argument("--out", default=None, help="PNG path (default: <checkpoint>/samples.png)")
+    parser.add_argument("--ema", action="store_true", help="render the checkpoint's EMA weights (a run with "
+                        "--ema-decay) instead of its trained weights")
     cli = parser.parse_args(argv)
     checkpoint = Path(cli.checkpoint)
     if missing_checkpoint_files(checkpoint):
@@ -1873,13 +1876,16 @@ def sample_main(argv):
         images = decode_images(pipe.vae, latents[:, -1], autocast)
         return images, score_batch(reward_fn, images, prompts, args.reward)[0]
 
+    if cli.ema and args.ema_decay == 0:
+        fail(f"--ema: the run of {cli.checkpoint!r} kept no EMA (it was trained without --ema-decay)")
     base_images, base_scores = render()
-    setup_trainable(pipe.unet, args)
+    params = setup_trainable(pipe.unet, args)
     try:
-        load_checkpoint(checkpoint, pipe.unet, args)
+        state = load_checkpoint(checkpoint, pipe.unet, args)
     except RunStopped as e:
         fail(str(e))
-    tuned_images, tuned_scores = render()
+    with swapped_weights(params, [t.to(device) for t in state["ema"]] if cli.ema else None):
+        tuned_images, tuned_scores = render()
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image_grid(out, torch.cat([base_images, tuned_images]), [f"base: {p}" for p in prompts] +
                     [f"tuned: {p}" for p in prompts], torch.cat([base_scores, tuned_scores]).tolist(),

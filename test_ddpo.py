@@ -1657,9 +1657,9 @@ def test_sample_command_renders_base_and_checkpoint_from_the_same_noise(tiny_run
     ddpo.main(["sample", "--checkpoint", str(checkpoint), "--num-images", "3", "--seed", "5", "--out", str(out)])
     rows = json.loads(out.with_suffix(".json").read_text())
     with Image.open(out) as grid:
-        assert grid.size == (3 * 128, 2 * (128 + 24))  # one row each, 3 images
-        cells = np.asarray(grid.convert("RGB"))
-    drawn = [cells[r * 152:r * 152 + 128:4, c * 128:c * 128 + 128:4] for r in (0, 1) for c in range(3)]  # 32 px
+        assert grid.size[0] == 3 * 128 and grid.size[1] % 2 == 0  # two rows of 3 images, each over its caption
+        cells, row = np.asarray(grid.convert("RGB")), grid.size[1] // 2
+    drawn = [cells[r * row:r * row + 128:4, c * 128:c * 128 + 128:4] for r in (0, 1) for c in range(3)]  # 32 px
     prompts = [r["prompt"].removeprefix("base: ") for r in rows[:3]]
     assert [r["prompt"] for r in rows[3:]] == [f"tuned: {p}" for p in prompts]
     pipe = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None)
@@ -1678,6 +1678,35 @@ def test_sample_command_renders_base_and_checkpoint_from_the_same_noise(tiny_run
     assert got[:3] != got[3:]  # the checkpoint changed the images
     with pytest.raises(SystemExit, match="is not a checkpoint directory"):
         ddpo.main(["sample", "--checkpoint", str(tmp_path)])
+    with pytest.raises(SystemExit, match="kept no EMA"):
+        ddpo.main(["sample", "--checkpoint", str(checkpoint), "--ema"])
+
+
+@slow
+def test_sample_ema_renders_the_checkpoints_ema_weights(tmp_path):
+    """`sample --ema` renders the EMA saved in the checkpoint: its rewards equal diffusers' pipeline with the
+    EMA tensors put into the UNet's trainable parameters by hand (full fine-tuning, in parameter order)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    ddpo.main([*TINY_QUICK, "--num-epochs", "2", "--ema-decay", "0.5", "--run-dir", str(tmp_path / "run")])
+    checkpoint = tmp_path / "run" / "checkpoints" / "epoch_0002"
+    for ema in (False, True):
+        ddpo.main(["sample", "--checkpoint", str(checkpoint), "--num-images", "3", "--out", str(tmp_path / f"{ema}.png"),
+                   *(["--ema"] if ema else [])])
+    plain, averaged = (json.loads((tmp_path / f"{ema}.json").read_text()) for ema in (False, True))
+    assert [r["reward"] for r in plain[:3]] == [r["reward"] for r in averaged[:3]]  # the same base row
+    prompts = [r["prompt"].removeprefix("base: ") for r in plain[:3]]
+    pipe = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    state = torch.load(checkpoint / "trainer_state.pt")
+    with torch.no_grad():
+        for p, e in zip(pipe.unet.parameters(), state["ema"], strict=True):
+            p.copy_(e)
+    images = pipe(prompts, num_inference_steps=4, guidance_scale=1.0, eta=1.0, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images
+    expected = rewards.jpeg_compressibility(images, prompts)[0].tolist()
+    np.testing.assert_allclose([r["reward"] for r in averaged[3:]], expected, rtol=0, atol=2e-3)
+    assert [r["reward"] for r in averaged[3:]] != [r["reward"] for r in plain[3:]]
 
 
 @pytest.mark.parametrize("name, message", [
