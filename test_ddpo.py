@@ -1567,7 +1567,7 @@ def test_tiny_run_writes_the_run_directory(tiny_run):
     assert json.loads((tiny_run / "config.json").read_text())["num_epochs"] == 2
     for name in ("epoch_0000.png", "epoch_0001.png"):
         with Image.open(tiny_run / "images" / name) as grid:
-            assert grid.size == (4 * 128, 4 * (128 + 24))  # 16 samples, 4 x 4, each 128 px + caption
+            assert grid.size == (4 * 128, 4 * (128 + 35))  # 16 samples, 4 x 4, each 128 px + 2 caption lines, reward
     assert [p.name for p in ddpo.list_checkpoints(tiny_run)] == ["epoch_0002"]  # keep-checkpoints 1
 
 
