@@ -180,6 +180,19 @@ def test_ddpo_sf_loss_hand_values_and_gradients():
     torch.testing.assert_close(logp.grad, torch.tensor([-2.0, 1.0, -5.0]) / 3)  # -A / B: REINFORCE
 
 
+def test_ddpo_is_on_policy_has_the_gradient_of_ddpo_sf():
+    """At the weights that sampled (ratio exactly 1) the clipped surrogate's gradient is -A grad log p, the
+    score-function gradient: DDPO_IS with one optimizer step per epoch is DDPO_SF. Only its later steps
+    (ratio != 1, clipping) make it a different method."""
+    adv = torch.tensor([1.5, -0.5, 6.0, -2.0])
+    logp = torch.tensor([-1.0, -2.0, -0.5, -3.0], requires_grad=True)
+    ddpo.ddpo_loss(logp, logp.detach(), adv, clip_range=1e-4, adv_clip_max=5.0)[0].backward()
+    is_grad, logp.grad = logp.grad, None
+    ddpo.ddpo_sf_loss(logp, adv, adv_clip_max=5.0).backward()
+    torch.testing.assert_close(is_grad, logp.grad, rtol=0, atol=0)
+    torch.testing.assert_close(logp.grad, -adv.clamp(-5, 5) / 4)
+
+
 def test_rwr_weights_hand_worked():
     ln2 = math.log(2)
     # exp(beta * A) for beta = 2, A = (0, ln2 / 2, -ln2 / 2): 1, 2, 1/2; N * softmax = 3 * (1, 2, 0.5) / 3.5
