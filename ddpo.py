@@ -236,8 +236,8 @@ def rwr_weights(advantages, beta, sparse=False, top_fraction=0.1) -> np.ndarray:
     advantages = np.asarray(advantages, dtype=np.float64)
     N = len(advantages)
     if sparse:
-        weights = np.zeros(N)
-        weights[np.argsort(-advantages, kind="stable")[:math.ceil(top_fraction * N)]] = N / math.ceil(top_fraction * N)
+        kept, weights = math.ceil(top_fraction * N), np.zeros(N)
+        weights[np.argsort(-advantages, kind="stable")[:kept]] = N / kept
         return weights
     z = beta * advantages
     exp = np.exp(z - z.max())
@@ -336,13 +336,15 @@ def micro_batch_loss(unet, scheduler, batch, uncond_embeds, guidance_scale, eta,
     uncond = uncond_embeds.expand(m, -1, -1)
     with autocast():
         eps_cond, eps_uncond = predict_noise(unet, batch["x_t"], batch["t"], batch["embeds"], uncond, guidance_scale)
+    def guided_step(eps):  # (mean, std) of the guided DDIM step for (eps_cond, eps_uncond)
+        return ddim_mean_std(scheduler, classifier_free_guidance(*eps, guidance_scale), batch["t"], batch["x_t"], eta)
+
     mean = std = None
     if fused:
         log_prob, _ = kernels.ddim_logprob_ratio(scheduler, eps_cond, eps_uncond, guidance_scale, batch["t"],
                                                  batch["x_t"], batch["x_prev"], batch["old_log_prob"], eta=eta)
     else:
-        mean, std = ddim_mean_std(scheduler, classifier_free_guidance(eps_cond, eps_uncond, guidance_scale),
-                                  batch["t"], batch["x_t"], eta)
+        mean, std = guided_step((eps_cond, eps_uncond))
         log_prob = gaussian_log_prob(batch["x_prev"], mean, std)
     if method == "ddpo_sf":
         loss, ratio = ddpo_sf_loss(log_prob, batch["advantages"], adv_clip_max), torch.exp(log_prob - batch["old_log_prob"])
@@ -350,13 +352,11 @@ def micro_batch_loss(unet, scheduler, batch, uncond_embeds, guidance_scale, eta,
         loss, ratio = ddpo_loss(log_prob, batch["old_log_prob"], batch["advantages"], clip_range, adv_clip_max)
     kl_ref = None
     if kl_coef > 0:  # the same step's Gaussian under the reference weights: same std, its own mean
-        if mean is None:
-            mean, std = ddim_mean_std(scheduler, classifier_free_guidance(eps_cond, eps_uncond, guidance_scale),
-                                      batch["t"], batch["x_t"], eta)
+        if mean is None:  # the fused kernels give log p, not the mean
+            mean, std = guided_step((eps_cond, eps_uncond))
         with torch.no_grad(), reference() as reference_unet, autocast():
             eps_ref = predict_noise(reference_unet, batch["x_t"], batch["t"], batch["embeds"], uncond, guidance_scale)
-        mean_ref, _ = ddim_mean_std(scheduler, classifier_free_guidance(*eps_ref, guidance_scale), batch["t"],
-                                    batch["x_t"], eta)
+        mean_ref, _ = guided_step(eps_ref)
         kl_ref = gaussian_kl(mean, mean_ref, std)
         loss = loss + kl_coef * kl_ref.mean()
     return loss, {"log_prob": log_prob, "ratio": ratio, "kl_ref": kl_ref}
