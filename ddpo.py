@@ -901,9 +901,12 @@ def validate(args: Args):
             fail(f"--resume {args.resume!r} is not a checkpoint directory (no {' or '.join(missing)})")
     if args.run_dir is not None:
         check_run_dir(Path(args.run_dir), fresh=args.resume is None, overwrite=args.overwrite)
-    load_prompts(args.prompts)
-    if args.eval_every:
-        load_prompts(args.eval_prompts or HELD_OUT[args.prompts])
+    prompts = load_prompts(args.prompts) + (load_prompts(args.eval_prompts or HELD_OUT[args.prompts])
+                                            if args.eval_every else [])
+    if "tiny_alignment" in [name for name, _ in rewards_lib.parse_reward_spec(args.reward)]:
+        odd = [p for p in prompts if caption_attributes(p) is None]
+        need(not odd, "prompts", args.prompts, f"tiny-world captions for --reward tiny_alignment "
+             f"('a red circle on blue'; {odd[0]!r} is not one)" if odd else "")
 
 
 def timestep_window(args):
@@ -1018,6 +1021,10 @@ class Run:
         self.ema = [p.detach().clone() for p in self.params] if args.ema_decay > 0 else None
         self.window, self.flat_group_fraction = timestep_window(args), None
         self.eval_prompts = load_prompts(args.eval_prompts or HELD_OUT[args.prompts]) if args.eval_every else None
+        # Tiny runs on the tiny world's captions log every image's alignment and diversity beside the reward
+        # (reward_info/alignment, eval/alignment, ...): optimising a reward can cost what the prompt asked for.
+        captions = self.prompts + (self.eval_prompts or [])
+        self.monitor = tiny_monitor() if args.model == "tiny" and all(map(caption_attributes, captions)) else None
         self.start_epoch, self.global_step = 0, 0
         if state is not None:
             self.restore(checkpoint, state)
@@ -1033,7 +1040,7 @@ class Run:
                 json.dumps({**dataclasses.asdict(args), "world_size": self.world,
                             "resolution_used": self.latent_shape[1] * vae_factor(pipe)}, indent=2))
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl", self.start_epoch, self.is_main, self.log)
-        self.reward_worker = RewardWorker(self.reward_fn, args.reward)
+        self.reward_worker = RewardWorker(self.reward_fn, args.reward, self.monitor)
         self.saved_epoch, self.epoch, self.in_training, self.epoch_start_rngs = self.start_epoch, None, False, None
         self.warned_ratio = False
         self.log(f"ddpo: {args.model} | reward {args.reward} | {args.sample_batch_size * args.sample_num_batches} "
@@ -1106,7 +1113,7 @@ class Run:
                                                  args.guidance_scale, args.eta, generator, self.autocast)
                 images.append(self.decode(latents[:, -1]))
                 try:
-                    score, info = score_batch(self.reward_fn, images[-1], chunk, args.reward)
+                    score, info = score_batch(self.reward_fn, images[-1], chunk, args.reward, self.monitor)
                 except rewards_lib.RewardError as e:
                     raise RunStopped(f"evaluation: {e}") from None
                 scores.append(score)
@@ -1209,10 +1216,10 @@ class Run:
                   "time/reward_wait_s": t["rewarded"] - t["sampled"], "time/train_s": t_end - t["rewarded"],
                   "time/model_s": self.timer.total(), "samples_per_s": len(rewards) / (t_end - t["start"])}
         self.metrics.write(record)
-        shown = {"kl {:.2e}": "train/approx_kl_epoch_mean", "clipfrac {:.3f}": "train/clipfrac_epoch_mean",
+        shown = {"align {:+.2f}": "reward_info/alignment", "kl {:.2e}": "train/approx_kl_epoch_mean", "clipfrac {:.3f}": "train/clipfrac_epoch_mean",
                  "kl_ref {:.2e}": "train/kl_ref_epoch_mean", "ratio-1 on-policy {:.1e}": "train/ratio_dev_onpolicy"}
         self.log(" | ".join([f"epoch {epoch:4d}", f"reward {record['reward/mean']:+.4f} ± {record['reward/std']:.4f}",
-                             *[f.format(record[k]) for f, k in shown.items() if record[k] is not None],
+                             *[f.format(record[k]) for f, k in shown.items() if record.get(k) is not None],
                              f"{record['time/epoch_s']:.1f}s"]))
         if args.method == "ddpo_is" and self.ratio_dev_onpolicy > 0.1 * args.clip_range and not self.warned_ratio:
             self.warned_ratio = True
@@ -1307,10 +1314,10 @@ class RewardWorker:
     thread, so that Ctrl-C or SIGTERM during a reward that hangs ends the process at once. Its own CPU torch
     ops run on one thread: a second OpenMP team competing for the same cores slows sampling (README)."""
 
-    def __init__(self, reward_fn, name):
+    def __init__(self, reward_fn, name, monitor=None):
         import queue
 
-        self.reward_fn, self.name, self.jobs = reward_fn, name, queue.Queue()
+        self.reward_fn, self.name, self.monitor, self.jobs = reward_fn, name, monitor, queue.Queue()
         threading.Thread(target=self._work, daemon=True, name="reward").start()
 
     def _work(self):
@@ -1319,7 +1326,7 @@ class RewardWorker:
             future, images, prompts = job
             if future.set_running_or_notify_cancel():
                 try:
-                    future.set_result(score_batch(self.reward_fn, images, prompts, self.name))
+                    future.set_result(score_batch(self.reward_fn, images, prompts, self.name, self.monitor))
                 except BaseException as e:
                     future.set_exception(e)
 
@@ -1332,10 +1339,11 @@ class RewardWorker:
         self.jobs.put(None)
 
 
-def score_batch(reward_fn, images, prompts, name):
+def score_batch(reward_fn, images, prompts, name, monitor=None):
     """One batch through the reward: (scores float32 (B,), info), the contract checked for the scores and
     for every extra (a list of B numbers or strings, numbers finite). Any failure becomes a RewardError
-    naming the reward, so the loop can keep its checkpoint."""
+    naming the reward, so the loop can keep its checkpoint. `monitor(images, prompts)` (tiny runs: see
+    tiny_monitor) adds its own per-image numbers to info."""
     try:
         result = reward_fn(images, prompts)
     except rewards_lib.RewardError:
@@ -1361,7 +1369,7 @@ def score_batch(reward_fn, images, prompts, name):
                 raise rewards_lib.RewardError(f"reward {name!r}: info[{key!r}][{i}] is {str(v)[:60]!r} "
                                               f"({type(v).__name__}); extras must be finite numbers or strings")
         checked[key] = values
-    return scores, checked
+    return scores, {**checked, **(monitor(images, prompts) if monitor else {})}
 
 
 def build_reward(args, device):
@@ -1612,8 +1620,8 @@ def save_image_grid(path, images, prompts, scores, info=None, max_images=16, col
 
 def plot_curves(records, path, size=(360, 220)):
     """curves.png from metrics records, drawn with PIL: reward mean and spread (mean +- std) per epoch, the
-    eval reward, train/kl_ref and train/clipfrac (epoch means), one panel each; a panel with nothing logged
-    says so. Returns the PIL image."""
+    eval reward, train/kl_ref and train/clipfrac (epoch means), and in tiny runs the alignment and diversity,
+    one panel each; a panel with nothing logged says so. Returns the PIL image."""
     from PIL import Image, ImageDraw
 
     def series(key):
@@ -1623,8 +1631,11 @@ def plot_curves(records, path, size=(360, 220)):
               ("eval reward (held-out prompts)", series("eval/reward_mean"), []),
               ("train/kl_ref (KL to the reference)", series("train/kl_ref_epoch_mean"), []),
               ("train/clipfrac", series("train/clipfrac_epoch_mean"), [])]
+    if series("reward_info/alignment"):  # tiny runs: what the prompt asked for, beside the reward
+        panels += [("alignment (tiny_alignment, nats)", series("reward_info/alignment"), []),
+                   ("diversity across prompts (RMS pixels)", series("reward_info/diversity"), [])]
     W, H = size
-    image = Image.new("RGB", (2 * W, 2 * H), "white")
+    image = Image.new("RGB", (2 * W, (len(panels) + 1) // 2 * H), "white")
     draw = ImageDraw.Draw(image)
     for p, (title, points, spread) in enumerate(panels):
         x0, y0 = (p % 2) * W, (p // 2) * H
@@ -1901,7 +1912,7 @@ def sample_main(argv):
 # coloured shapes, a few minutes on 2 CPU cores, once; the result is cached (DDPO_CACHE, default
 # ~/.cache/ddpo) as an ordinary diffusers pipeline directory.
 # ------------------------------------------------------------------------------------------------------
-TINY_VERSION = "tiny-v2"  # bump when the tiny model or its pretraining changes, so caches are rebuilt
+TINY_VERSION = "tiny-v3"  # bump when the tiny model or its pretraining changes, so caches are rebuilt
 COLORS = {"red": (0.9, 0.15, 0.1), "green": (0.1, 0.75, 0.2), "blue": (0.15, 0.25, 0.9),
           "yellow": (0.95, 0.85, 0.1), "purple": (0.6, 0.2, 0.7), "orange": (1.0, 0.55, 0.1),
           "white": (0.95, 0.95, 0.95), "black": (0.08, 0.08, 0.08), "grey": (0.5, 0.5, 0.5)}
@@ -1931,8 +1942,10 @@ def build_tiny_pipeline(seed=0):
     """The tiny StableDiffusionPipeline with random weights from `seed`: 32x32 images, a VAE with 2x
     downsampling and 12 latent channels (latents 12x16x16: as many numbers as pixels, so its decoder can
     draw both flat colour and per-pixel texture, the two ends of JPEG size), a 1.0M-parameter UNet with
-    cross-attention at 8x8 only, a 2-layer CLIP text encoder, and a DDIM scheduler with Stable
-    Diffusion's noise schedule."""
+    cross-attention at 8x8 and the prompt's pooled embedding added to the timestep's (diffusers'
+    addition_embed_type "text": every block sees the prompt), a 2-layer CLIP text encoder, and a DDIM
+    scheduler with Stable Diffusion's noise schedule and v-prediction (SD 2's): its target holds the clean
+    image at high noise, where the prompt decides what is drawn (README, "The tiny world")."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -1949,9 +1962,10 @@ def build_tiny_pipeline(seed=0):
     unet = UNet2DConditionModel(sample_size=16, in_channels=12, out_channels=12, block_out_channels=(32, 64),
                                 layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=8, norm_num_groups=8)
+                                attention_head_dim=8, norm_num_groups=8, addition_embed_type="text",
+                                addition_embed_type_num_heads=4)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -2003,14 +2017,16 @@ def synthetic_shapes(n, generator, size=32):
     return images.clamp(0, 1), captions
 
 
-def pretrain_tiny_pipeline(pipe, seed=0, vae_steps=300, unet_steps=600, batch_size=48, log=print):
-    """Make the random tiny pipeline a real (if small) text-to-image model: train the VAE as an
-    autoencoder, then the UNet as an epsilon-prediction denoiser on the VAE latents of synthetic captioned
-    images, with 10% of captions dropped for classifier-free guidance."""
+def pretrain_tiny_pipeline(pipe, seed=0, vae_steps=300, unet_steps=1000, batch_size=48, log=print):
+    """Make the random tiny pipeline a real (if small) text-to-image model: train the VAE as an autoencoder
+    whose latents stay close to the pixels themselves (pixel_unshuffle: 2x2 patches as 12 channels, so the
+    decoder is nearly a reshuffle and draws clean colour from the UNet's latents), then the UNet as a
+    v-prediction denoiser on the VAE latents of synthetic captioned images, together with the text encoder
+    (10% of captions dropped for classifier-free guidance)."""
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(seed)
-    vae, unet, scheduler = pipe.vae, pipe.unet, pipe.scheduler
+    vae, unet, scheduler, text_encoder = pipe.vae, pipe.unet, pipe.scheduler, pipe.text_encoder
     t0 = time.time()
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0)
     for step in range(vae_steps):
@@ -2018,12 +2034,12 @@ def pretrain_tiny_pipeline(pipe, seed=0, vae_steps=300, unet_steps=600, batch_si
         x = images * 2 - 1
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.mean + 0.05 * torch.randn(posterior.mean.shape, generator=g)).sample
-        loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        loss = F.mse_loss(recon, x) + F.mse_loss(posterior.mean, F.pixel_unshuffle(x, 2)) + 1e-6 * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 100 == 0 or step == vae_steps - 1:
-            log(f"  tiny VAE   step {step:4d}/{vae_steps}  recon mse {loss.item():.4f}  {time.time() - t0:.0f}s")
+            log(f"  tiny VAE   step {step:4d}/{vae_steps}  loss {loss.item():.4f}  {time.time() - t0:.0f}s")
     vae.requires_grad_(False).eval()
 
     # A fixed pool of encoded images: the UNet then trains without paying for the VAE every step.
@@ -2033,31 +2049,40 @@ def pretrain_tiny_pipeline(pipe, seed=0, vae_steps=300, unet_steps=600, batch_si
         vae.register_to_config(scaling_factor=float(1 / latents.std()))
         latents = latents * vae.config.scaling_factor
         captions = [c if keep else "" for c, keep in zip(captions, (torch.rand(8192, generator=g) > 0.1).tolist())]
-        embeds = torch.cat([encode_prompts(pipe, chunk) for chunk in np.array_split(captions, 16)])
+        tokens = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt").input_ids
 
-    opt = torch.optim.AdamW(unet.parameters(), lr=2e-3, weight_decay=0)
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    text_encoder.requires_grad_(True).train()
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=unet_steps, pct_start=0.05)
     for step in range(unet_steps):
         idx = torch.randint(len(latents), (batch_size,), generator=g)
-        x0, emb = latents[idx], embeds[idx]
+        x0 = latents[idx]
         t = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t, emb).sample, noise)
+        prediction = unet(scheduler.add_noise(x0, noise, t), t, text_encoder(tokens[idx])[0]).sample
+        loss = F.mse_loss(prediction, scheduler.get_velocity(x0, noise, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if step % 250 == 0 or step == unet_steps - 1:
-            log(f"  tiny UNet  step {step:4d}/{unet_steps}  denoising mse {loss.item():.4f}  {time.time() - t0:.0f}s")
+            log(f"  tiny UNet  step {step:4d}/{unet_steps}  v-prediction mse {loss.item():.4f}  {time.time() - t0:.0f}s")
     unet.eval()
+    text_encoder.requires_grad_(False).eval()
     return pipe
+
+
+def tiny_cache_dir() -> Path:
+    return Path(os.environ.get("DDPO_CACHE", Path.home() / ".cache" / "ddpo"))
 
 
 def tiny_pretrained_path(seed=0, log=print) -> str:
     """Directory of the pretrained tiny pipeline for `seed`, building and caching it on first use.
     Written to a temporary directory and renamed, so an interrupted build never leaves a broken cache."""
-    cache = Path(os.environ.get("DDPO_CACHE", Path.home() / ".cache" / "ddpo")) / f"{TINY_VERSION}-seed{seed}"
+    cache = tiny_cache_dir() / f"{TINY_VERSION}-seed{seed}"
     if not (cache / "model_index.json").exists():
         log(f"pretraining the tiny pipeline once (cached in {cache}) ...")
         with torch.random.fork_rng():
@@ -2070,6 +2095,120 @@ def tiny_pretrained_path(seed=0, log=print) -> str:
         except OSError:  # another process finished first: theirs is as good as ours
             shutil.rmtree(tmp, ignore_errors=True)
     return str(cache)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The tiny world's judge: a classifier of what synthetic_shapes draws, trained in code on fresh synthetic
+# images (a minute on 2 cores, once; cached beside the tiny pipeline). It scores the tiny `tiny_alignment`
+# reward (rewards.py), the miniature of the paper's prompt-alignment task, and the alignment that every
+# tiny run logs beside its own reward, so that over-optimisation shows.
+# ------------------------------------------------------------------------------------------------------
+ATTRIBUTES = {"colour": list(COLORS), "shape": [*SHAPES, "none"], "background": list(COLORS)}
+
+
+def caption_attributes(caption):
+    """'a striped red circle on speckled blue' -> {'colour': 'red', 'shape': 'circle', 'background': 'blue'};
+    a caption without a shape ('striped green') -> {'shape': 'none', 'background': 'green'}. None if the
+    caption is not of the tiny world's grammar. Textures are not judged."""
+    words = [w for w in caption.split() if w not in TEXTURES]
+    if len(words) == 5 and words[0] in ("a", "an") and words[1] in COLORS and words[2] in SHAPES \
+            and words[3] == "on" and words[4] in COLORS:
+        return {"colour": words[1], "shape": words[2], "background": words[4]}
+    if len(words) == 1 and words[0] in COLORS:
+        return {"shape": "none", "background": words[0]}
+    return None
+
+
+class ShapeClassifier(torch.nn.Module):
+    """A small CNN on 32x32 images in [0, 1] with one head per attribute: logits for the shape's colour
+    (9), the shape (4 + none) and the background colour (9)."""
+
+    def __init__(self):
+        super().__init__()
+        conv = lambda i, o, s: [torch.nn.Conv2d(i, o, 3, s, 1), torch.nn.GroupNorm(8, o), torch.nn.SiLU()]
+        self.body = torch.nn.Sequential(*conv(3, 32, 1), *conv(32, 32, 2), *conv(32, 64, 2), *conv(64, 64, 2),
+                                        torch.nn.Flatten(), torch.nn.Linear(64 * 4 * 4, 128), torch.nn.SiLU())
+        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(128, len(v)) for k, v in ATTRIBUTES.items()})
+
+    def forward(self, images):  # (B, 3, 32, 32) -> {attribute: (B, K) logits}
+        features = self.body(images * 2 - 1)
+        return {k: head(features) for k, head in self.heads.items()}
+
+
+def attribute_targets(captions):
+    """{attribute: (B,) class indices}, -100 (ignored by cross_entropy) where the caption does not say."""
+    parsed = [caption_attributes(c) or {} for c in captions]
+    return {k: torch.tensor([names.index(p[k]) if k in p else -100 for p in parsed]) for k, names in ATTRIBUTES.items()}
+
+
+def train_shape_classifier(seed=0, steps=800, batch_size=64, log=print):
+    """ShapeClassifier trained on fresh synthetic_shapes batches (never the same image twice)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed + 7)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = ShapeClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    t0 = time.time()
+    for step in range(steps):
+        images, captions = synthetic_shapes(batch_size, g)
+        logits, targets = model(images), attribute_targets(captions)
+        loss = sum(F.cross_entropy(logits[k], targets[k], ignore_index=-100) for k in ATTRIBUTES)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 200 == 0 or step == steps - 1:
+            log(f"  tiny classifier step {step:4d}/{steps}  loss {loss.item():.4f}  {time.time() - t0:.0f}s")
+    return model.eval().requires_grad_(False)
+
+
+def tiny_classifier(seed=0, log=print) -> ShapeClassifier:
+    """The trained ShapeClassifier, training and caching it (DDPO_CACHE) on first use."""
+    path = tiny_cache_dir() / f"{TINY_VERSION}-classifier-seed{seed}.pt"
+    model = ShapeClassifier().eval().requires_grad_(False)
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model
+    log(f"training the tiny world's classifier once (cached in {path}) ...")
+    with torch.random.fork_rng():
+        model = train_shape_classifier(seed, log=log)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return model
+
+
+@torch.no_grad()
+def attribute_accuracy(model, images, captions):
+    """{attribute: fraction of the images whose caption states it that the classifier gets right}."""
+    logits, targets = model(images), attribute_targets(captions)
+    return {k: (logits[k].argmax(1) == targets[k])[targets[k] >= 0].float().mean().item() for k in ATTRIBUTES}
+
+
+def prompt_diversity(images, prompts):
+    """Per image: its mean RMS pixel distance to the batch's images of other prompts (0 if there are none).
+    Images that ignore their prompts (every prompt the same flat field) score 0."""
+    x = images.detach().float().flatten(1)  # (B, 3*H*W)
+    distance = torch.cdist(x, x) / math.sqrt(x.shape[1])  # (B, B) RMS distances
+    other = torch.tensor([[p != q for q in prompts] for p in prompts], dtype=x.dtype, device=x.device)
+    return ((distance * other).sum(1) / other.sum(1).clamp(min=1)).tolist()
+
+
+def tiny_monitor():
+    """fn(images, prompts) -> per-image {alignment, accuracy, diversity}: the tiny_alignment reward and its
+    accuracy (rewards.py), and prompt_diversity. Logged in every tiny run, whatever its reward."""
+    alignment = rewards_lib.make_tiny_alignment()
+
+    def monitor(images, prompts):
+        scores, info = alignment(images, prompts)
+        return {"alignment": scores.tolist(), "accuracy": info["accuracy"],
+                "diversity": prompt_diversity(images, prompts)}
+
+    return monitor
 
 
 if __name__ == "__main__":

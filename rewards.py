@@ -1,5 +1,6 @@
 """Reward functions for DDPO: the paper's four (JPEG compressibility and incompressibility, LAION aesthetic,
-LLaVA + BERTScore prompt alignment), two diagnostics, and a user's own.
+LLaVA + BERTScore prompt alignment), prompt alignment in miniature for the tiny test bed, two diagnostics,
+and a user's own.
 
 Every reward has one contract:
 
@@ -348,6 +349,41 @@ def make_llava_bertscore(device="cpu", vlm_model="llava-hf/llava-1.5-7b-hf",
 
 
 # ------------------------------------------------------------------------------------------------------
+# Tiny alignment: the prompt-alignment task in miniature, for the tiny test bed (`--model tiny`). The tiny
+# world's classifier (ddpo.tiny_classifier: colour, shape and background, trained on its synthetic images)
+# stands in for LLaVA + BERTScore: it reads the image, and the caption says what should be there.
+# ------------------------------------------------------------------------------------------------------
+def make_tiny_alignment(device="cpu"):
+    """reward = mean over the attributes the caption states of log p(stated value | image), in nats; 0 is a
+    certain match. info: `accuracy` (fraction of the stated attributes the classifier reads as stated)."""
+    from ddpo import attribute_targets, caption_attributes, tiny_classifier  # the tiny world lives in ddpo.py
+
+    model = tiny_classifier().to(device)
+
+    @torch.no_grad()
+    def tiny_alignment(images, prompts):
+        bad = [p for p in prompts if caption_attributes(p) is None]
+        if bad:
+            raise RewardError(f"reward 'tiny_alignment' judges captions of the tiny world ('a red circle on blue', "
+                              f"'striped green'); got {bad[0]!r}. Use it with --prompts tiny_shapes")
+        if images.shape[-2:] != (32, 32):
+            raise RewardError(f"reward 'tiny_alignment' judges 32x32 images (the tiny model's); got "
+                              f"{tuple(images.shape[-2:])}")
+        logits = model(images.detach().float().to(device))
+        targets = attribute_targets(prompts)
+        log_p, right, stated = torch.zeros(len(prompts)), torch.zeros(len(prompts)), torch.zeros(len(prompts))
+        for k, target in targets.items():
+            says = target >= 0  # (B,) the caption states this attribute
+            chosen = target.clamp(min=0).to(device)
+            log_p += torch.where(says, logits[k].log_softmax(1).gather(1, chosen[:, None])[:, 0].cpu(), 0.0)
+            right += (says & (logits[k].argmax(1).cpu() == target)).float()
+            stated += says.float()
+        return log_p / stated, {"accuracy": (right / stated).tolist()}
+
+    return tiny_alignment
+
+
+# ------------------------------------------------------------------------------------------------------
 # Building rewards: by name, a user's own module:function, or a weighted sum.
 # ------------------------------------------------------------------------------------------------------
 REWARDS = {  # name -> factory(device, **options) -> reward fn. Options are keyword arguments of the factory.
@@ -355,6 +391,7 @@ REWARDS = {  # name -> factory(device, **options) -> reward fn. Options are keyw
     "jpeg_incompressibility": lambda device: jpeg_incompressibility,
     "aesthetic": make_aesthetic,
     "llava_bertscore": make_llava_bertscore,
+    "tiny_alignment": make_tiny_alignment,
     "brightness": lambda device: brightness,
     "darkness": lambda device: darkness,
 }
