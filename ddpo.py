@@ -1002,6 +1002,7 @@ class Run:
         if args.model == "tiny" and self.world > 1:  # one process pretrains (once, cached); the others wait
             if self.is_main:
                 tiny_pretrained_path(seed=0, log=self.log)
+                tiny_classifier(log=self.log)
             torch.distributed.barrier()
         self.pipe = pipe = load_pipeline(args, device, self.dtype, self.log)
         if args.num_steps > pipe.scheduler.config.num_train_timesteps:
@@ -1632,7 +1633,7 @@ def plot_curves(records, path, size=(360, 220)):
               ("train/kl_ref (KL to the reference)", series("train/kl_ref_epoch_mean"), []),
               ("train/clipfrac", series("train/clipfrac_epoch_mean"), [])]
     if series("reward_info/alignment"):  # tiny runs: what the prompt asked for, beside the reward
-        panels += [("alignment (tiny_alignment, nats)", series("reward_info/alignment"), []),
+        panels += [("alignment (tiny_alignment, mean p)", series("reward_info/alignment"), []),
                    ("diversity across prompts (RMS pixels)", series("reward_info/diversity"), [])]
     W, H = size
     image = Image.new("RGB", (2 * W, (len(panels) + 1) // 2 * H), "white")
@@ -1909,7 +1910,7 @@ def sample_main(argv):
 # The tiny offline test bed: a small SD-shaped model (UNet2DConditionModel, AutoencoderKL, CLIP text
 # encoder, byte-level CLIP tokenizer) built from configs. Random weights are a poor RL test bed (any
 # update saturates the images), so --model tiny pretrains it in code on synthetic captioned images of
-# coloured shapes, a few minutes on 2 CPU cores, once; the result is cached (DDPO_CACHE, default
+# coloured shapes, about ten minutes on 2 CPU cores, once; the result is cached (DDPO_CACHE, default
 # ~/.cache/ddpo) as an ordinary diffusers pipeline directory.
 # ------------------------------------------------------------------------------------------------------
 TINY_VERSION = "tiny-v3"  # bump when the tiny model or its pretraining changes, so caches are rebuilt

@@ -354,8 +354,10 @@ def make_llava_bertscore(device="cpu", vlm_model="llava-hf/llava-1.5-7b-hf",
 # stands in for LLaVA + BERTScore: it reads the image, and the caption says what should be there.
 # ------------------------------------------------------------------------------------------------------
 def make_tiny_alignment(device="cpu"):
-    """reward = mean over the attributes the caption states of log p(stated value | image), in nats; 0 is a
-    certain match. info: `accuracy` (fraction of the stated attributes the classifier reads as stated)."""
+    """reward = mean over the attributes the caption states of p(stated value | image) under the classifier,
+    in [0, 1]; 1 is a certain match. Bounded, like the paper's BERTScore recall: a log-probability's long
+    negative tail (a few hopeless images at -15 nats) would set every prompt's advantage scale. info:
+    `accuracy` (fraction of the stated attributes the classifier reads as stated)."""
     from ddpo import attribute_targets, caption_attributes, tiny_classifier  # the tiny world lives in ddpo.py
 
     model = tiny_classifier().to(device)
@@ -371,14 +373,14 @@ def make_tiny_alignment(device="cpu"):
                               f"{tuple(images.shape[-2:])}")
         logits = model(images.detach().float().to(device))
         targets = attribute_targets(prompts)
-        log_p, right, stated = torch.zeros(len(prompts)), torch.zeros(len(prompts)), torch.zeros(len(prompts))
+        p, right, stated = torch.zeros(len(prompts)), torch.zeros(len(prompts)), torch.zeros(len(prompts))
         for k, target in targets.items():
             says = target >= 0  # (B,) the caption states this attribute
             chosen = target.clamp(min=0).to(device)
-            log_p += torch.where(says, logits[k].log_softmax(1).gather(1, chosen[:, None])[:, 0].cpu(), 0.0)
+            p += torch.where(says, logits[k].softmax(1).gather(1, chosen[:, None])[:, 0].cpu(), 0.0)
             right += (says & (logits[k].argmax(1).cpu() == target)).float()
             stated += says.float()
-        return log_p / stated, {"accuracy": (right / stated).tolist()}
+        return p / stated, {"accuracy": (right / stated).tolist()}
 
     return tiny_alignment
 

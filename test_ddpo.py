@@ -633,8 +633,8 @@ def test_caption_attributes_read_the_tiny_worlds_grammar():
         assert ddpo.caption_attributes(caption) is not None, caption
 
 
-def test_tiny_alignment_is_the_mean_log_probability_of_the_stated_attributes(monkeypatch):
-    """The reward on a classifier with random weights, against log-softmax computed in float64 by hand."""
+def test_tiny_alignment_is_the_mean_probability_of_the_stated_attributes(monkeypatch):
+    """The reward on a classifier with random weights, against softmax computed in float64 by hand."""
     torch.manual_seed(0)
     model = ddpo.ShapeClassifier().eval().requires_grad_(False)
     monkeypatch.setattr(ddpo, "tiny_classifier", lambda **k: model)
@@ -646,8 +646,8 @@ def test_tiny_alignment_is_the_mean_log_probability_of_the_stated_attributes(mon
     expected, accuracy = [], []
     for i, caption in enumerate(prompts):
         stated = ddpo.caption_attributes(caption)
-        log_p = [torch.log_softmax(logits[k][i], 0)[ddpo.ATTRIBUTES[k].index(v)].item() for k, v in stated.items()]
-        expected.append(sum(log_p) / len(log_p))
+        p = [torch.softmax(logits[k][i], 0)[ddpo.ATTRIBUTES[k].index(v)].item() for k, v in stated.items()]
+        expected.append(sum(p) / len(p))
         accuracy.append(np.mean([logits[k][i].argmax().item() == ddpo.ATTRIBUTES[k].index(v) for k, v in stated.items()]))
     np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-5, atol=1e-5)
     assert scores.dtype == torch.float32 and info["accuracy"] == pytest.approx(accuracy)
@@ -1575,7 +1575,7 @@ def test_evaluation_renders_the_same_images_from_the_same_weights_with_the_ema(t
     held_out = ddpo.PROMPT_SETS["tiny_shapes_heldout"]
     assert [r["prompt"] for r in rows] == held_out  # 8 images per epoch: each held-out prompt once
     # a tiny run on tiny-world captions: every image's alignment, accuracy and diversity, whatever the reward
-    assert all(r["alignment"] <= 0 and 0 <= r["accuracy"] <= 1 and r["diversity"] > 0 for r in rows), rows
+    assert all(0 <= r["alignment"] <= 1 and 0 <= r["accuracy"] <= 1 and r["diversity"] > 0 for r in rows), rows
     evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert evals[0]["eval/alignment"] == pytest.approx(np.mean([r["alignment"] for r in rows]))
 
@@ -1607,7 +1607,7 @@ def test_tiny_classifier_reads_held_out_synthetic_images_and_alignment_ranks_rig
         keep = [i for i, c in enumerate(captions) if ddpo.caption_attributes(c)["shape"] != "none" or attribute == "background"]
         wrong, _ = reward(images[keep], [swap_attribute(captions[i], attribute, rng) for i in keep])
         assert (right[keep] > wrong).float().mean() > 0.97, attribute
-        assert (right[keep] - wrong).median() > 3, attribute  # nats: not a close call
+        assert (right[keep] - wrong).median() > 0.25, attribute  # one of 2-3 attributes: at most 1/2 or 1/3
 
 
 @slow
