@@ -2158,7 +2158,10 @@ def test_a_signal_during_a_hanging_reward_saves_the_epoch_and_exits_at_once(user
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "ddpo.py"), "--preset", "tiny", "--reward",
                              "user_rewards:hangs_in_epoch_1", "--num-epochs", "3", "--save-every", "100",
                              "--image-every", "0", "--run-dir", str(run)], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a test runner started in the background (`cmd &`) ignores SIGINT, and its
+                            # children would inherit that: give the run Ctrl-C's default back
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
