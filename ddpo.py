@@ -2169,8 +2169,8 @@ def train_shape_classifier(seed=0, steps=800, batch_size=64, log=print):
 def tiny_classifier(seed=0, log=print) -> ShapeClassifier:
     """The trained ShapeClassifier, training and caching it (DDPO_CACHE) on first use."""
     path = tiny_cache_dir() / f"{TINY_VERSION}-classifier-seed{seed}.pt"
-    model = ShapeClassifier().eval().requires_grad_(False)
     if path.exists():
+        model = ShapeClassifier().eval().requires_grad_(False)
         model.load_state_dict(torch.load(path, weights_only=True))
         return model
     log(f"training the tiny world's classifier once (cached in {path}) ...")
