@@ -357,7 +357,8 @@ def make_tiny_alignment(device="cpu"):
     """reward = mean over the attributes the caption states of p(stated value | image) under the classifier,
     in [0, 1]; 1 is a certain match. Bounded, like the paper's BERTScore recall: a log-probability's long
     negative tail (a few hopeless images at -15 nats) would set every prompt's advantage scale. info:
-    `accuracy` (fraction of the stated attributes the classifier reads as stated)."""
+    `accuracy` (fraction of the stated attributes the classifier reads as stated) and `shape_accuracy` (1 if
+    it reads the shape as stated, 'none' included: every caption states it), the attribute hardest to draw."""
     from ddpo import attribute_targets, caption_attributes, tiny_classifier  # the tiny world lives in ddpo.py
 
     model = tiny_classifier().to(device)
@@ -380,7 +381,8 @@ def make_tiny_alignment(device="cpu"):
             p += torch.where(says, logits[k].softmax(1).gather(1, chosen[:, None])[:, 0].cpu(), 0.0)
             right += (says & (logits[k].argmax(1).cpu() == target)).float()
             stated += says.float()
-        return p / stated, {"accuracy": (right / stated).tolist()}
+        shape_right = logits["shape"].argmax(1).cpu() == targets["shape"]
+        return p / stated, {"accuracy": (right / stated).tolist(), "shape_accuracy": shape_right.float().tolist()}
 
     return tiny_alignment
 
