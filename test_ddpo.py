@@ -1756,7 +1756,7 @@ def test_custom_and_weighted_rewards_end_to_end(user_rewards, tiny_clip, tiny_ll
     # text is not averaged; the numbers are the tiny world's monitor (any reward on tiny-world captions)
     assert 0 < epoch["reward/mean"] < 1 and "reward_info/answer" not in epoch
     assert {k for k in epoch if k.startswith("reward_info/")} == \
-        {"reward_info/alignment", "reward_info/accuracy", "reward_info/diversity"}
+        {"reward_info/alignment", "reward_info/accuracy", "reward_info/shape_accuracy", "reward_info/diversity"}
     rows = json.loads((tmp_path / "llava" / "images" / "epoch_0000.json").read_text())
     assert all(isinstance(row["answer"], str) and row["answer"] for row in rows)
 
