@@ -1878,12 +1878,11 @@ def test_a_reward_failing_mid_run_keeps_the_epochs_done(user_rewards, tmp_path, 
 
 @slow
 def test_brightness_learns_both_ways_beyond_the_shuffled_advantage_control(tmp_path):
-    """Learning that no control can explain. Up and down run from the same seed and differ only in the
-    reward's sign, so whatever moves both alike (any update moves this small model's images somewhat) cancels
-    in up - down, which must be large. The same seed with advantages shuffled across samples (no link between a
-    sample and its reward) shows that drift, and one direction at least must clearly beat it. Measured in
-    epoch-0 stds on tiny model v3: up - down +1.5, up - control -0.2, control - down +1.75 (the drift went
-    brighter); on a candidate v4 (README, "The tiny world"): +1.49, +1.19, +0.29 (the drift went darker)."""
+    """Learning that no control can explain: the same seed with advantages shuffled across samples (no
+    link between a sample and its reward) is the baseline, because any update moves this small model's
+    images somewhat (tiny model v3: brighter, +0.74 epoch-0 stds in 15 epochs). Down must go down against
+    that drift, beyond the control; up must end far above down. (Up beyond the control is not asked: on v3 the
+    drift alone got there first, measured 0.595 against the control's 0.619.)"""
     brightness = {}
     for name, argv in [("up", ["--reward", "brightness"]), ("down", ["--reward", "darkness"]),
                        ("control", ["--reward", "brightness", "--shuffle-advantages"])]:
@@ -1895,9 +1894,9 @@ def test_brightness_learns_both_ways_beyond_the_shuffled_advantage_control(tmp_p
         brightness[name] = (means[0], float(np.mean(means[-5:])), epochs[0]["reward/std"])
     start, _, std = brightness["control"]
     assert brightness["up"][0] == start == pytest.approx(brightness["down"][0], abs=1e-6)  # same seed, same epoch 0
-    up, down, control = (brightness[k][1] for k in ("up", "down", "control"))
-    assert up - down > 1.0 * std, brightness
-    assert max(up - control, control - down) > 0.5 * std, brightness
+    assert brightness["down"][1] < brightness["control"][1] - 0.5 * std, brightness  # measured: -1.75 std
+    assert brightness["down"][1] < start - 0.3 * std, brightness  # down moves down, against the drift (-1.0)
+    assert brightness["up"][1] > brightness["down"][1] + 1.0 * std, brightness  # measured: +1.5 std
 
 
 def unet_weights(checkpoint):
