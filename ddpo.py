@@ -327,11 +327,12 @@ def micro_batch_loss(unet, scheduler, batch, uncond_embeds, guidance_scale, eta,
                      method="ddpo_is", kl_coef=0.0, reference=None, fused=False, autocast=contextlib.nullcontext):
     """The policy-gradient loss of m (sample, timestep) pairs: one UNet call -> log p of the stored step ->
     DDPO_IS's clipped surrogate (method "ddpo_is") or DDPO_SF's -A log p ("ddpo_sf"), plus kl_coef x the KL
-    to the reference model. batch: x_t (m, C, h, w), t (m,), x_prev (m, C, h, w), old_log_prob (m,), embeds
-    (m, L, D), advantages (m,). uncond_embeds (1, L, D). reference: a context manager yielding the
+    to the reference model. batch: x_t (m, C, h, w), t (m,), x_prev (m, C, h, w), old_log_prob (m,) or None
+    (before any update in exact-ratio mode: this forward's own log p, detached, so the ratio is exactly 1),
+    embeds (m, L, D), advantages (m,). uncond_embeds (1, L, D). reference: a context manager yielding the
     reference UNet (needed when kl_coef > 0). fused=True computes log p with the Triton kernels of
     kernels.py (the same math). Returns (loss, stats): loss the mean over the m pairs; stats of (m,)
-    tensors: log_prob, ratio, and kl_ref (None when kl_coef = 0)."""
+    tensors: log_prob, old_log_prob, ratio, and kl_ref (None when kl_coef = 0)."""
     m = len(batch["t"])
     uncond = uncond_embeds.expand(m, -1, -1)
     with autocast():
@@ -340,16 +341,20 @@ def micro_batch_loss(unet, scheduler, batch, uncond_embeds, guidance_scale, eta,
         return ddim_mean_std(scheduler, classifier_free_guidance(*eps, guidance_scale), batch["t"], batch["x_t"], eta)
 
     mean = std = None
-    if fused:
+    old_log_prob = batch["old_log_prob"]
+    if fused:  # (its ratio output is not used: ddpo_loss forms the ratio, so any old log p will do here)
+        kernel_old = torch.zeros(m, device=batch["x_t"].device) if old_log_prob is None else old_log_prob
         log_prob, _ = kernels.ddim_logprob_ratio(scheduler, eps_cond, eps_uncond, guidance_scale, batch["t"],
-                                                 batch["x_t"], batch["x_prev"], batch["old_log_prob"], eta=eta)
+                                                 batch["x_t"], batch["x_prev"], kernel_old, eta=eta)
     else:
         mean, std = guided_step((eps_cond, eps_uncond))
         log_prob = gaussian_log_prob(batch["x_prev"], mean, std)
+    if old_log_prob is None:  # exact-ratio mode before any update: this forward is the sampling policy's own
+        old_log_prob = log_prob.detach()
     if method == "ddpo_sf":
-        loss, ratio = ddpo_sf_loss(log_prob, batch["advantages"], adv_clip_max), torch.exp(log_prob - batch["old_log_prob"])
+        loss, ratio = ddpo_sf_loss(log_prob, batch["advantages"], adv_clip_max), torch.exp(log_prob - old_log_prob)
     else:
-        loss, ratio = ddpo_loss(log_prob, batch["old_log_prob"], batch["advantages"], clip_range, adv_clip_max)
+        loss, ratio = ddpo_loss(log_prob, old_log_prob, batch["advantages"], clip_range, adv_clip_max)
     kl_ref = None
     if kl_coef > 0:  # the same step's Gaussian under the reference weights: same std, its own mean
         if mean is None:  # the fused kernels give log p, not the mean
@@ -359,7 +364,7 @@ def micro_batch_loss(unet, scheduler, batch, uncond_embeds, guidance_scale, eta,
         mean_ref, _ = guided_step(eps_ref)
         kl_ref = gaussian_kl(mean, mean_ref, std)
         loss = loss + kl_coef * kl_ref.mean()
-    return loss, {"log_prob": log_prob, "ratio": ratio, "kl_ref": kl_ref}
+    return loss, {"log_prob": log_prob, "old_log_prob": old_log_prob, "ratio": ratio, "kl_ref": kl_ref}
 
 
 def rwr_micro_batch_loss(unet, scheduler, batch, generator, autocast=contextlib.nullcontext):
@@ -414,17 +419,21 @@ def gather_pairs(samples, i, j):
             "advantages": samples["advantages"][i], "x_0": samples["final_latents"][i]}
 
 
-def optimizer_step(loss_fn, samples, micro_batches, optimizer, params, scaler, max_grad_norm, clip_range):
+def optimizer_step(loss_fn, samples, micro_batches, optimizer, params, scaler, max_grad_norm, clip_range,
+                   own_old_log_probs=False):
     """One optimizer step over the pairs of `micro_batches` (see training_plan): each micro-batch
     backpropagates its loss * m / P, so the step sees exactly the mean loss over its P pairs, however they
     are packed. Gradients averaged over processes, norm clipped, one step. loss_fn(batch) -> (loss, stats)
-    as micro_batch_loss. Returns un-synced (7,) float32 sums: loss * pairs, approx_kl * pairs, clipped
-    pairs, pairs, kl_ref * pairs, max |ratio - 1|, and the gradient norm before clipping (the log-prob
-    terms are 0 for losses without log p, RWR's)."""
+    as micro_batch_loss. own_old_log_probs (exact-ratio mode, the epoch's first step, whose weights are
+    still the sampling weights): each forward's own log p is its old log p. Returns un-synced (7,) float32
+    sums: loss * pairs, approx_kl * pairs, clipped pairs, pairs, kl_ref * pairs, max |ratio - 1|, and the
+    gradient norm before clipping (the log-prob terms are 0 for losses without log p, RWR's)."""
     P = sum(len(i) for i, _ in micro_batches)
     sums = torch.zeros(6, device=samples["latents"].device)
     for i, j in micro_batches:
         batch = gather_pairs(samples, i, j)
+        if own_old_log_probs:
+            batch["old_log_prob"] = None
         loss, stats = loss_fn(batch)
         scaler.scale(loss * (len(i) / P)).backward()
         with torch.no_grad():
@@ -432,7 +441,7 @@ def optimizer_step(loss_fn, samples, micro_batches, optimizer, params, scaler, m
             sums[3] += len(i)
             if stats.get("log_prob") is not None:
                 deviation = (stats["ratio"] - 1).abs()
-                sums[1] += 0.5 * ((stats["log_prob"] - batch["old_log_prob"]) ** 2).sum()
+                sums[1] += 0.5 * ((stats["log_prob"] - stats["old_log_prob"]) ** 2).sum()
                 sums[2] += (deviation > clip_range).float().sum()
                 sums[5] = torch.maximum(sums[5], deviation.max())
             if stats.get("kl_ref") is not None:
@@ -472,7 +481,9 @@ def rescore_old_log_probs(loss_fn, samples, plan):
     """Exact-ratio mode: before the first update, replace the sampled log-probs of the pairs in `plan` by
     those of the training forward itself (same micro-batches, train mode, autograd on, nothing kept). With
     the same weights, inputs and kernels, training then computes the same numbers, so the on-policy ratio
-    is exactly 1 whatever the precision or the kernels' batch-size dependence. Costs one forward per pair."""
+    is exactly 1 whatever the precision or the kernels' batch-size dependence. Costs one forward per pair,
+    so train() re-scores only the pairs after the first optimizer step: that step's own forwards, taken
+    before any update, are the re-scores of its pairs (optimizer_step's own_old_log_probs)."""
     log_probs = samples["log_probs"].clone()
     for micro_batches in plan:
         for i, j in micro_batches:
@@ -548,14 +559,17 @@ def train(args):
             plans = [training_plan(n, args.num_steps, args.train_batch_size, args.gradient_accumulation_steps,
                                    args.timestep_fraction, args.train_micro_batch or args.train_batch_size,
                                    run.train_gen, run.window) for _ in range(args.num_inner_epochs)]
-            if run.exact_ratio and args.method == "ddpo_is":
+            exact = run.exact_ratio and args.method == "ddpo_is"
+            if exact:  # old log p of every pair trained after the first update, from the training forward
                 with run.timer():
-                    samples = rescore_old_log_probs(loss_fn, samples, plans[0])
-            for plan in plans:
-                for micro_batches in run.progress(plan, f"epoch {epoch} train"):
+                    samples = rescore_old_log_probs(loss_fn, samples, plans[0][1:])
+            run.mark("rescored")
+            for k, plan in enumerate(plans):
+                for s, micro_batches in enumerate(run.progress(plan, f"epoch {epoch} train")):
                     with run.timer():
                         sums = optimizer_step(loss_fn, samples, micro_batches, run.optimizer, run.params,
-                                              run.scaler, args.max_grad_norm, args.clip_range)
+                                              run.scaler, args.max_grad_norm, args.clip_range,
+                                              own_old_log_probs=exact and k == 0 and s == 0)
                         if run.ema is not None:
                             ema_update(run.ema, run.params, args.ema_decay)
                     run.log_step(epoch, sums)  # stops the run if the loss, gradient or weights are not finite
@@ -1041,7 +1055,7 @@ class Run:
                 json.dumps({**dataclasses.asdict(args), "world_size": self.world,
                             "resolution_used": self.latent_shape[1] * vae_factor(pipe)}, indent=2))
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl", self.start_epoch, self.is_main, self.log)
-        self.reward_worker = RewardWorker(self.reward_fn, args.reward, self.monitor)
+        self.reward_worker = RewardWorker(self.reward_fn, args.reward, self.monitor, one_thread=device.type == "cpu")
         self.saved_epoch, self.epoch, self.in_training, self.epoch_start_rngs = self.start_epoch, None, False, None
         self.warned_ratio = False
         self.log(f"ddpo: {args.model} | reward {args.reward} | {args.sample_batch_size * args.sample_num_batches} "
@@ -1095,7 +1109,9 @@ class Run:
         self.times, self.step_metrics, self.ratio_dev_onpolicy = {"start": time.perf_counter()}, [], None
         if self.args.eval_every and epoch % self.args.eval_every == 0:
             self.evaluate(epoch)
-        self.times["start"] = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # mem/peak_gb is this epoch's
+        self.mark("start")
 
     def evaluate(self, epoch):
         """Held-out evaluation: the eval prompts, cycled to one epoch's number of images, from the same noise
@@ -1140,6 +1156,8 @@ class Run:
             plot_curves(self.metrics.records, self.run_dir / "curves.png")
 
     def mark(self, phase):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the phase's kernels are done: its time is theirs
         self.times[phase] = time.perf_counter()
 
     def gather_rewards(self, batches):
@@ -1203,7 +1221,8 @@ class Run:
 
     def end_epoch(self, epoch, rewards, infos):
         args, t = self.args, self.times
-        t_end = time.perf_counter()
+        self.mark("end")
+        t_end = t["end"]
         record = {"epoch": epoch, "step": self.global_step,
                   "reward/mean": rewards.mean().item(), "reward/std": rewards.std(unbiased=False).item(),
                   "reward/min": rewards.min().item(), "reward/max": rewards.max().item(),
@@ -1215,6 +1234,8 @@ class Run:
                   "train/flat_group_fraction": self.flat_group_fraction,
                   "time/epoch_s": t_end - t["start"], "time/sample_s": t["sampled"] - t["start"],
                   "time/reward_wait_s": t["rewarded"] - t["sampled"], "time/train_s": t_end - t["rewarded"],
+                  "time/rescore_s": t["rescored"] - t["rewarded"],  # part of train_s: exact-ratio re-scoring
+                  "mem/peak_gb": torch.cuda.max_memory_allocated(self.device) / 1e9 if self.device.type == "cuda" else None,
                   "time/model_s": self.timer.total(), "samples_per_s": len(rewards) / (t_end - t["start"])}
         self.metrics.write(record)
         shown = {"align {:+.2f}": "reward_info/alignment", "kl {:.2e}": "train/approx_kl_epoch_mean", "clipfrac {:.3f}": "train/clipfrac_epoch_mean",
@@ -1312,17 +1333,22 @@ def find_checkpoint(args, run_dir, log):
 # ------------------------------------------------------------------------------------------------------
 class RewardWorker:
     """One daemon thread that runs the reward on each batch in order; submit() returns a Future. A daemon
-    thread, so that Ctrl-C or SIGTERM during a reward that hangs ends the process at once. Its own CPU torch
-    ops run on one thread: a second OpenMP team competing for the same cores slows sampling (README)."""
+    thread, so that Ctrl-C or SIGTERM during a reward that hangs ends the process at once. With a CPU policy
+    (one_thread) its own torch ops run on one thread: a second OpenMP team competing for the same cores slows
+    sampling (README). With a GPU policy it leaves torch's thread count alone: torch.compile guards on it,
+    and the change recompiled every compiled block (measured on an H200: the first epoch of --compile
+    took 222 s with it, and the recompiles were gone without it)."""
 
-    def __init__(self, reward_fn, name, monitor=None):
+    def __init__(self, reward_fn, name, monitor=None, one_thread=True):
         import queue
 
         self.reward_fn, self.name, self.monitor, self.jobs = reward_fn, name, monitor, queue.Queue()
+        self.one_thread = one_thread
         threading.Thread(target=self._work, daemon=True, name="reward").start()
 
     def _work(self):
-        torch.set_num_threads(1)
+        if self.one_thread:
+            torch.set_num_threads(1)
         while (job := self.jobs.get()) is not None:
             future, images, prompts = job
             if future.set_running_or_notify_cancel():
@@ -1778,6 +1804,9 @@ def select_unet_kernels(unet, device):
         unet.set_attn_processor(AttnProcessor())
 
 
+COMPILED_BLOCKS = ("ResnetBlock2D", "BasicTransformerBlock")  # --compile's regions: nearly all of the UNet's FLOPs
+
+
 def setup_trainable(unet, args):
     """LoRA adapters (peft) on the attention projections, or the whole UNet; trainable params in fp32."""
     unet.requires_grad_(False)
@@ -1793,9 +1822,22 @@ def setup_trainable(unet, args):
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
-    if args.compile:  # in place: the module and its state-dict keys stay the same, so checkpoints do too
-        unet.compile()
+    if args.compile:
+        compile_blocks(unet)
     return params
+
+
+def compile_blocks(unet):
+    """--compile: regional torch.compile, in place, of each ResNet and transformer block (blocks of one kind
+    share graphs, so it compiles far faster than the whole UNet); the state-dict keys stay the same, so
+    checkpoints do too. Each block's channel count and mode (sampling, training) is its own graph, ~30 for
+    SD's UNet: more than dynamo's default limit per function (8), past which it silently runs the rest eagerly."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for module in unet.modules():
+        if type(module).__name__ in COMPILED_BLOCKS:
+            module.compile()
 
 
 def reference_model(unet, args):

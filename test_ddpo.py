@@ -1399,8 +1399,9 @@ def test_channels_last_unet_computes_the_same():
 
 @slow
 def test_compile_gives_the_same_unet_outputs():
-    """--compile (torch.compile through inductor, here generating CPU code) computes what eager does.
-    One shape only: compiling the tiny LoRA UNet with inductor takes most of a minute on a 2-core CPU."""
+    """--compile (compile_blocks: each ResNet and transformer block through inductor, here generating CPU
+    code) computes what eager does. One shape only: inductor is slow on a 2-core CPU."""
+    import torch._dynamo
     from diffusers import StableDiffusionPipeline
 
     args = ddpo.parse_args(["--preset", "tiny", *LORA_CFG])
@@ -1411,10 +1412,17 @@ def test_compile_gives_the_same_unet_outputs():
     embeds = ddpo.encode_prompts(pipe, ddpo.PROMPT_SETS["tiny_shapes"][:6]).detach()
     with torch.no_grad():
         eager = pipe.unet(x, t, embeds).sample
-        pipe.unet.compile()
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        ddpo.compile_blocks(pipe.unet)
         compiled = pipe.unet(x, t, embeds).sample
-    assert pipe.unet._compiled_call_impl is not None  # the compiled path ran
+    blocks = [m for m in pipe.unet.modules() if type(m).__name__ in ddpo.COMPILED_BLOCKS]
+    assert {type(m).__name__ for m in blocks} == set(ddpo.COMPILED_BLOCKS)  # the tiny UNet has both kinds
+    assert all(m._compiled_call_impl is not None for m in blocks)
+    frames = torch._dynamo.utils.counters["frames"]
+    assert frames["ok"] >= 2 and frames["ok"] == frames["total"]  # the compiled blocks ran, every frame compiled
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
 
 
 @slow
@@ -1495,6 +1503,20 @@ def test_exact_ratio_mode_makes_the_on_policy_ratio_exactly_one(lora):
         assert changed.any() and not (changed & ~kept).any()  # only the trained pairs are re-scored
         torch.testing.assert_close(rescored["log_probs"], samples["log_probs"], rtol=1e-5, atol=1e-5)
         assert all(rescored[k] is samples[k] for k in samples if k != "log_probs")
+        # train() re-scores only the pairs after the first optimizer step: that step's forwards take their own
+        # log p as the old one (old_log_prob None), which must equal re-scoring them first, bitwise: the
+        # same loss, old log p, ratio and gradients
+        for i, j in plan[0]:
+            results = []
+            for source, own in ((samples, True), (rescored, False)):
+                batch = ddpo.gather_pairs(source, i, j)
+                if own:
+                    batch["old_log_prob"] = None
+                loss, stats = loss_fn(batch)
+                grads = torch.autograd.grad(loss, params)
+                results.append((loss, stats["old_log_prob"], stats["ratio"], *grads))
+            assert all(torch.equal(x, y) for x, y in zip(*results)), precision
+            assert (results[0][2] == 1).all()
 
 
 def tiny_pipe(args):
@@ -1690,6 +1712,8 @@ def test_tiny_run_writes_the_run_directory(tiny_run):
             assert math.isfinite(e[key]), key
         assert e["reward/min"] <= e["reward/mean"] <= e["reward/max"]
         assert 0 < e["time/model_s"] < e["time/epoch_s"]
+        assert 0 <= e["time/rescore_s"] < e["time/train_s"] < e["time/epoch_s"]
+        assert e["mem/peak_gb"] is None  # CUDA memory: logged on GPUs only
         # fp32 run: scoring a trajectory with the weights that sampled it gives ratio 1 to round-off
         assert e["train/ratio_dev_onpolicy"] <= 1e-5
     args = ddpo.parse_args(["--preset", "tiny"])
@@ -2236,6 +2260,23 @@ def test_exact_ratio_and_the_on_policy_warning_in_a_run(tmp_path, capsys):
 
 
 @slow
+def test_reward_worker_sets_one_thread_only_when_asked(monkeypatch):
+    """The reward thread asks torch for one CPU thread with a CPU policy (one_thread=True), and leaves torch's
+    thread setting alone otherwise: with a GPU policy a change of it made torch.compile recompile every block.
+    (torch's setting is shared: threads started later inherit it, so the calls are what is checked.)"""
+    for one_thread in (True, False):
+        calls, seen = [], []
+        real = torch.set_num_threads
+        monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n)))
+        worker = ddpo.RewardWorker(lambda images, prompts: (seen.append(torch.get_num_threads()), torch.zeros(2))[1],
+                                   "r", one_thread=one_thread)
+        worker.submit(torch.rand(2, 3, 8, 8), ["a", "b"]).result(timeout=30)
+        worker.close()
+        assert calls == ([1] if one_thread else []), (one_thread, calls)
+        if one_thread:
+            assert seen == [1]  # and the reward ran under it
+
+
 def test_compile_does_not_recompile_after_the_first_epoch(tmp_path, monkeypatch):
     """--compile: every graph the run needs (sampling in eval mode without autograd, training micro-batches
     with it) is compiled in the first epoch; the second compiles nothing. Dynamo's guards and recompiles do
@@ -2259,4 +2300,6 @@ def test_compile_does_not_recompile_after_the_first_epoch(tmp_path, monkeypatch)
     ddpo.main([*TINY_QUICK, "--num-epochs", "2", "--compile", "--run-dir", str(tmp_path)])
     assert compiled[0][0] >= 2  # at least one graph for sampling and one for training
     assert compiled[1] == compiled[0], compiled  # nothing new in epoch 1
+    # every compilation succeeded: none hit dynamo's recompile limit and fell back to eager
+    assert counters["frames"]["ok"] == counters["frames"]["total"], dict(counters["unimplemented"])
     torch._dynamo.reset()
