@@ -525,6 +525,21 @@ def test_aot_compiles_for_a100_and_h100_without_spills(arch):
             assert r["atomics"] == ["@%p atom.global.gpu.acq_rel.add.u32"], r["atomics"]
 
 
+def test_launch_split_covers_every_element_with_few_programs():
+    """launch_split's plain integer arithmetic (host cost: it runs on every call) against a direct search:
+    S is the power of two min(64, >= TARGET_PROGRAMS / B, >= the number of BLOCKs), CHUNK the fewest whole
+    BLOCKs with S * CHUNK >= N (the kernels mask what lies past N)."""
+    for B in (1, 2, 3, 7, 16, 32, 33, 64, 200, 600):
+        for N in (1, 5, 1023, 1024, 1025, 3072, 4 * 64 * 64, 4 * 96 * 96 + 3, 10**6):
+            S, CHUNK = kernels.launch_split(B, N)
+            blocks = math.ceil(N / kernels.BLOCK)
+            powers = [2**k for k in range(40)]
+            expected_S = min(64, min(p for p in powers if p >= max(1, kernels.TARGET_PROGRAMS // B)),
+                             min(p for p in powers if p >= blocks))
+            assert S == expected_S, (B, N, S)
+            assert CHUNK % kernels.BLOCK == 0 and S * CHUNK >= N and S * (CHUNK - kernels.BLOCK) < N
+
+
 def test_kernel_split_sums_deterministically_and_resets_its_counters():
     """Each sample's N is split over S programs (S = 1, 2 and 16 in the shapes above; here 64 for a batch of
     one); the last program to arrive adds the partial sums in a fixed order and zeroes the arrival
