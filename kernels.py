@@ -442,7 +442,7 @@ def time_on_gpu(B, N, dtype):
     """Microseconds per call on the current CUDA device: the forward kernel alone and the backward kernel
     alone (each replayed 100 times in a CUDA graph, so no launch or Python cost is counted), and the host
     overhead of one ddim_logprob_ratio forward + backward call (wall time of 200 calls, CPU-bound, minus the
-    kernels). Returns a dict."""
+    kernels), and the wall time of the two host wrappers called directly, without autograd. Returns a dict."""
     scheduler, cond, uncond, t, x_t, x_prev, old = bench_inputs(B, N, dtype, "cuda")
     table = coefficient_table(scheduler, 1.0, x_t.device)
     logp, ratio = fused_forward(cond.detach(), uncond.detach(), 5.0, table, t, x_t, x_prev, old)
@@ -477,19 +477,29 @@ def time_on_gpu(B, N, dtype):
         lp, r = ddim_logprob_ratio(scheduler, cond, uncond, 5.0, t, x_t, x_prev, old, fused=True)
         torch.autograd.backward((lp, r), (ones, ones), inputs=[cond, uncond])
 
-    for _ in range(10):
-        call()
-    torch.cuda.synchronize()
-    import time
+    def launches():  # the host wrappers alone: checks, allocations and Triton's launcher, no autograd
+        _, ratio_ = fused_forward(cond.detach(), uncond.detach(), 5.0, table, t, x_t, x_prev, old)
+        fused_backward(cond.detach(), uncond.detach(), 5.0, table, t, ratio_, ones, ones, x_t, x_prev)
 
-    start = time.perf_counter()
-    for _ in range(200):
-        call()
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - start) / 200 * 1e6
+    call_us, launch_us = wall_us(call), wall_us(launches)
     forward_bytes, backward_bytes = fused_traffic(B, N, dtype, True)
     return {"fwd_us": fwd, "bwd_us": bwd, "fwd_GBps": forward_bytes / fwd / 1e3, "bwd_GBps": backward_bytes / bwd / 1e3,
-            "call_us": wall, "host_us": max(0.0, wall - fwd - bwd)}
+            "call_us": call_us, "host_us": max(0.0, call_us - fwd - bwd), "launch_us": launch_us}
+
+
+def wall_us(fn, reps=200):
+    """Microseconds of wall time per fn() call, synchronised, after 10 warm-up calls: on a GPU, for calls
+    whose kernels are short, the host's cost."""
+    import time
+
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps * 1e6
 
 
 def main():
@@ -528,13 +538,15 @@ def main():
         print("\nno GPU here: kernel timings need one (CUDA graphs of the kernels alone, and the host overhead)")
         return
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; fp16 predictions, CFG")
-    print(f"{'B':>3} {'S':>3} {'fwd us':>8} {'fwd GB/s':>9} {'bwd us':>8} {'bwd GB/s':>9} {'call us':>8} {'host us':>8}")
+    print(f"{'B':>3} {'S':>3} {'fwd us':>8} {'fwd GB/s':>9} {'bwd us':>8} {'bwd GB/s':>9} {'call us':>8} {'host us':>8} "
+          f"{'launch us':>9}")
     for B in (1, 4, 16, 32):
         r = time_on_gpu(B, N, torch.float16)
         print(f"{B:>3} {launch_split(B, N)[0]:>3} {r['fwd_us']:8.2f} {r['fwd_GBps']:9.0f} {r['bwd_us']:8.2f} "
-              f"{r['bwd_GBps']:9.0f} {r['call_us']:8.1f} {r['host_us']:8.1f}")
+              f"{r['bwd_GBps']:9.0f} {r['call_us']:8.1f} {r['host_us']:8.1f} {r['launch_us']:9.1f}")
     print("(fwd/bwd us: the kernel alone, 100 launches replayed in a CUDA graph; call us: one ddim_logprob_ratio\n"
-          " forward + backward through autograd, wall time; host us = call - kernels)")
+          " forward + backward through autograd, wall time; host us = call - kernels; launch us: fused_forward +\n"
+          " fused_backward called directly, wall time: the wrappers and Triton's launcher without autograd)")
 
 
 if __name__ == "__main__":
