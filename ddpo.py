@@ -560,6 +560,7 @@ def train(args):
                                    args.timestep_fraction, args.train_micro_batch or args.train_batch_size,
                                    run.train_gen, run.window) for _ in range(args.num_inner_epochs)]
             exact = run.exact_ratio and args.method == "ddpo_is"
+            run.mark("rescoring")
             if exact:  # old log p of every pair trained after the first update, from the training forward
                 with run.timer():
                     samples = rescore_old_log_probs(loss_fn, samples, plans[0][1:])
@@ -623,7 +624,8 @@ class Args:
     offload_frozen: bool = arg(False, "keep the VAE and text encoder on the CPU, moving each to the device "
                                "only for its calls (frees their memory while the UNet trains)")
     compile: bool = arg(False, "torch.compile the UNet's ResNet and transformer blocks (GPUs: measured 1.4x "
-                        "faster epochs at SD scale on an H200, after a first epoch that compiles for over 3 minutes with cold caches)")
+                        "faster epochs at SD scale on an H200, after a first epoch that compiles for over 3 "
+                        "minutes with cold caches)")
     device: str = arg("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
     fused_kernel: str = arg("auto", "auto | on | off: the Triton kernels of kernels.py for the training step's "
                             "log-prob (auto = on for CUDA; on CPU tensors 'on' needs TRITON_INTERPRET=1, for tests)")
@@ -1234,7 +1236,7 @@ class Run:
                   "train/flat_group_fraction": self.flat_group_fraction,
                   "time/epoch_s": t_end - t["start"], "time/sample_s": t["sampled"] - t["start"],
                   "time/reward_wait_s": t["rewarded"] - t["sampled"], "time/train_s": t_end - t["rewarded"],
-                  "time/rescore_s": t["rescored"] - t["rewarded"],  # part of train_s: exact-ratio re-scoring
+                  "time/rescore_s": t["rescored"] - t["rescoring"],  # part of train_s: exact-ratio re-scoring
                   "mem/peak_gb": torch.cuda.max_memory_allocated(self.device) / 1e9 if self.device.type == "cuda" else None,
                   "time/model_s": self.timer.total(), "samples_per_s": len(rewards) / (t_end - t["start"])}
         self.metrics.write(record)
