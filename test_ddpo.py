@@ -2262,9 +2262,12 @@ def test_exact_ratio_and_the_on_policy_warning_in_a_run(tmp_path, capsys):
     --exact-ratio on makes it exactly 1 in every epoch. With a clip range so small that round-off exceeds
     a tenth of it, the run warns once, with the numbers and the remedy."""
     kernel = ["--fused-kernel", "on", *SMALL_EPOCH]
-    ddpo.main([*TINY_QUICK, *kernel, "--num-epochs", "2", "--run-dir", str(tmp_path / "exact"), "--exact-ratio", "on"])
-    epochs, _ = read_metrics(tmp_path / "exact")
-    assert [e["train/ratio_dev_onpolicy"] for e in epochs] == [0.0, 0.0]
+    # two optimizer steps per epoch: the first takes its own forwards' log p, the second's pairs are re-scored
+    ddpo.main([*TINY_QUICK, *kernel, "--train-batch-size", "4", "--num-epochs", "2", "--run-dir",
+               str(tmp_path / "exact"), "--exact-ratio", "on"])
+    epochs, steps = read_metrics(tmp_path / "exact")
+    assert [e["train/ratio_dev_onpolicy"] for e in epochs] == [0.0, 0.0] and len(steps) == 4
+    assert all(e["time/rescore_s"] > 0 for e in epochs)
     capsys.readouterr()
     ddpo.main([*TINY_QUICK, *kernel, "--num-epochs", "2", "--run-dir", str(tmp_path / "noisy"), "--clip-range", "1e-7"])
     epochs, _ = read_metrics(tmp_path / "noisy")
@@ -2274,7 +2277,6 @@ def test_exact_ratio_and_the_on_policy_warning_in_a_run(tmp_path, capsys):
     assert "--exact-ratio on" in warnings_[0]
 
 
-@slow
 def test_reward_worker_sets_one_thread_only_when_asked(monkeypatch):
     """The reward thread asks torch for one CPU thread with a CPU policy (one_thread=True), and leaves torch's
     thread setting alone otherwise: with a GPU policy a change of it made torch.compile recompile every block.
@@ -2292,6 +2294,7 @@ def test_reward_worker_sets_one_thread_only_when_asked(monkeypatch):
             assert seen == [1]  # and the reward ran under it
 
 
+@slow
 def test_compile_does_not_recompile_after_the_first_epoch(tmp_path, monkeypatch):
     """--compile: every graph the run needs (sampling in eval mode without autograd, training micro-batches
     with it) is compiled in the first epoch; the second compiles nothing. Dynamo's guards and recompiles do
