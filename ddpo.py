@@ -1345,11 +1345,10 @@ class RewardWorker:
         import queue
 
         self.reward_fn, self.name, self.monitor, self.jobs = reward_fn, name, monitor, queue.Queue()
-        self.one_thread = one_thread
-        threading.Thread(target=self._work, daemon=True, name="reward").start()
+        threading.Thread(target=self._work, args=(one_thread,), daemon=True, name="reward").start()
 
-    def _work(self):
-        if self.one_thread:
+    def _work(self, one_thread):
+        if one_thread:
             torch.set_num_threads(1)
         while (job := self.jobs.get()) is not None:
             future, images, prompts = job
