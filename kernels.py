@@ -257,9 +257,10 @@ def _flat(t):
 
 
 def fused_forward(cond, uncond, w, table, timesteps, sample, prev_sample, old_log_prob):
-    """Check, allocate, launch the forward kernel. Returns (log_prob, ratio), float32 (B,)."""
+    """Check, flatten, allocate, launch the forward kernel. Returns (log_prob, ratio), float32 (B,), and
+    flat: the (B, N) contiguous eps_c, eps_u (or None), x_t, x_prev that the kernel read, for the backward."""
     _check(cond, uncond, sample, prev_sample, timesteps, old_log_prob)
-    c, u, x, xp = _flat(cond), _flat(uncond), _flat(sample), _flat(prev_sample)
+    flat = c, u, x, xp = _flat(cond), _flat(uncond), _flat(sample), _flat(prev_sample)
     B, N = x.shape
     S, CHUNK = launch_split(B, N)
     logp = torch.empty(B, device=x.device, dtype=torch.float32)
@@ -268,12 +269,12 @@ def fused_forward(cond, uncond, w, table, timesteps, sample, prev_sample, old_lo
     ddim_logprob_fwd_kernel[(B, S)](c, u if u is not None else c, x, xp, timesteps, table, old_log_prob, partial,
                                     arrival_counters(B, x.device), logp, ratio, N, CHUNK, float(w), S=S,
                                     HAS_CFG=u is not None, BLOCK=BLOCK)
-    return logp, ratio
+    return logp, ratio, flat
 
 
-def fused_backward(cond, uncond, w, table, timesteps, ratio, grad_logp, grad_ratio, sample, prev_sample):
-    """Launch the backward kernel. Returns (dL/d eps_c, dL/d eps_u or None) in the predictions' dtype."""
-    c, u, x, xp = _flat(cond), _flat(uncond), _flat(sample), _flat(prev_sample)
+def fused_backward(c, u, x, xp, w, table, timesteps, ratio, grad_logp, grad_ratio):
+    """Launch the backward kernel on fused_forward's flat inputs (nothing is checked or copied again).
+    Returns (dL/d eps_c, dL/d eps_u or None), (B, N) in the predictions' dtype."""
     B, N = x.shape
     S, CHUNK = launch_split(B, N)
     grad_c = torch.empty_like(c)
@@ -282,7 +283,7 @@ def fused_backward(cond, uncond, w, table, timesteps, ratio, grad_logp, grad_rat
                                     grad_logp.float().contiguous(), grad_ratio.float().contiguous(), grad_c,
                                     grad_u if grad_u is not None else grad_c, N, CHUNK, float(w),
                                     HAS_CFG=u is not None, BLOCK=BLOCK)
-    return grad_c.view(cond.shape), None if grad_u is None else grad_u.view(cond.shape)
+    return grad_c, grad_u
 
 
 class DDIMLogProbRatio(torch.autograd.Function):
@@ -298,18 +299,17 @@ class DDIMLogProbRatio(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cond, uncond, w, table, timesteps, sample, prev_sample, old_log_prob):
-        logp, ratio = fused_forward(cond, uncond, w, table, timesteps, sample, prev_sample, old_log_prob)
-        ctx.save_for_backward(cond, uncond, table, timesteps, ratio, sample, prev_sample)
-        ctx.w = w
+        logp, ratio, flat = fused_forward(cond, uncond, w, table, timesteps, sample, prev_sample, old_log_prob)
+        ctx.save_for_backward(table, timesteps, ratio, *flat)  # the flat copies: the backward copies nothing
+        ctx.w, ctx.shape = w, cond.shape
         return logp, ratio
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ratio):
-        cond, uncond, table, timesteps, ratio, sample, prev_sample = ctx.saved_tensors
+        table, timesteps, ratio, c, u, x, xp = ctx.saved_tensors
         # autograd materialises the gradient of an unused output as zeros, so neither is None here
-        grad_c, grad_u = fused_backward(cond, uncond, ctx.w, table, timesteps, ratio, grad_logp, grad_ratio,
-                                        sample, prev_sample)
-        return grad_c, grad_u, None, None, None, None, None, None
+        grad_c, grad_u = fused_backward(c, u, x, xp, ctx.w, table, timesteps, ratio, grad_logp, grad_ratio)
+        return grad_c.view(ctx.shape), None if grad_u is None else grad_u.view(ctx.shape), None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -445,7 +445,7 @@ def time_on_gpu(B, N, dtype):
     kernels), and the wall time of the two host wrappers called directly, without autograd. Returns a dict."""
     scheduler, cond, uncond, t, x_t, x_prev, old = bench_inputs(B, N, dtype, "cuda")
     table = coefficient_table(scheduler, 1.0, x_t.device)
-    logp, ratio = fused_forward(cond.detach(), uncond.detach(), 5.0, table, t, x_t, x_prev, old)
+    logp, ratio, flat = fused_forward(cond.detach(), uncond.detach(), 5.0, table, t, x_t, x_prev, old)
     ones = torch.ones_like(logp)
 
     def graph_us(fn, reps=100):
@@ -470,16 +470,15 @@ def time_on_gpu(B, N, dtype):
         return start.elapsed_time(end) * 1000 / (10 * reps)
 
     fwd = graph_us(lambda: fused_forward(cond.detach(), uncond.detach(), 5.0, table, t, x_t, x_prev, old))
-    bwd = graph_us(lambda: fused_backward(cond.detach(), uncond.detach(), 5.0, table, t, ratio, ones, ones, x_t,
-                                          x_prev))
+    bwd = graph_us(lambda: fused_backward(*flat, 5.0, table, t, ratio, ones, ones))
 
     def call():
         lp, r = ddim_logprob_ratio(scheduler, cond, uncond, 5.0, t, x_t, x_prev, old, fused=True)
         torch.autograd.backward((lp, r), (ones, ones), inputs=[cond, uncond])
 
     def launches():  # the host wrappers alone: checks, allocations and Triton's launcher, no autograd
-        _, ratio_ = fused_forward(cond.detach(), uncond.detach(), 5.0, table, t, x_t, x_prev, old)
-        fused_backward(cond.detach(), uncond.detach(), 5.0, table, t, ratio_, ones, ones, x_t, x_prev)
+        _, ratio_, flat_ = fused_forward(cond.detach(), uncond.detach(), 5.0, table, t, x_t, x_prev, old)
+        fused_backward(*flat_, 5.0, table, t, ratio_, ones, ones)
 
     call_us, launch_us = wall_us(call), wall_us(launches)
     forward_bytes, backward_bytes = fused_traffic(B, N, dtype, True)
