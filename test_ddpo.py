@@ -1055,6 +1055,10 @@ def user_rewards(tmp_path, monkeypatch):
     (["--train-timesteps", "0:11"], "--train-timesteps must be a:b with 0 <= a < b <= --num-steps 10 (got '0:11')"),
     (["--train-timesteps", "early"], "--train-timesteps must be a:b with 0 <= a < b"),
     (["--ema-decay", "1"], "--ema-decay must be in [0, 1) (0 = off) (got 1.0)"),
+    (["--cuda-graphs", "--compile"], "--cuda-graphs must be used without --compile and --gradient-checkpointing"),
+    (["--cuda-graphs", "--gradient-checkpointing"], "--cuda-graphs must be used without --compile"),
+    (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA device (--device cpu)"),
+    (["--cuda-graphs"], "--cuda-graphs needs a CUDA device (--device auto, and CUDA is not available)"),
     (["--eval-every", "-1"], "--eval-every must be >= 0 (got -1)"),
     (["--eval-every", "5", "--prompts", "LATIN1"], "--eval-every needs --eval-prompts with --prompts"),
     (["--eval-every", "5", "--eval-prompts", "no_such_set"], "--prompts 'no_such_set' is neither a built-in set"),
@@ -1064,7 +1068,7 @@ def user_rewards(tmp_path, monkeypatch):
      "'cat' is not one"),
 ])
 def test_bad_input_fails_in_one_line_before_models_load(argv, message, monkeypatch, tmp_path, user_rewards):
-    if torch.cuda.is_available() and argv == ["--device", "cuda"]:
+    if torch.cuda.is_available() and argv in (["--device", "cuda"], ["--cuda-graphs"]):
         pytest.skip("this machine has CUDA")
     monkeypatch.setattr(ddpo, "load_pipeline", lambda *a, **k: pytest.fail("models loaded before input was checked"))
     monkeypatch.chdir(tmp_path)
@@ -1418,7 +1422,7 @@ def test_packed_micro_batches_give_the_one_timestep_at_a_time_gradient():
 
 @slow
 def test_channels_last_unet_computes_the_same():
-    """The UNet runs channels-last (select_unet_kernels, every device): the same outputs, and the fused kernel reads
+    """On CPUs the UNet runs channels-last (select_unet_kernels): the same outputs, and the fused kernel reads
     its NHWC output."""
     from diffusers import StableDiffusionPipeline
 
@@ -1438,6 +1442,82 @@ def test_channels_last_unet_computes_the_same():
     a = kernels.ddim_logprob_ratio(scheduler, nhwc, None, 1.0, tt, x, prev, old, eta=1.0, fused=True)[0]
     b = kernels.ddim_logprob_ratio(scheduler, nhwc.contiguous(), None, 1.0, tt, x, prev, old, eta=1.0, fused=True)[0]
     assert torch.equal(a, b)
+
+
+def fake_make_graphed(module, sample_args, log):
+    """A CPU stand-in for torch.cuda.make_graphed_callables with its memory behaviour: each backward writes
+    the weights' gradients into the same static tensors and returns them (detached), as its graph replay
+    does. The forward and backward run eagerly (the graphs' kernels are eager's: bitwise the same on an H200)."""
+    params = tuple(p for p in module.parameters() if p.requires_grad)
+    static_grads = [torch.zeros_like(p) for p in params]
+    log.append(tuple(a.shape for a in sample_args))
+
+    class Replay(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            with torch.enable_grad():
+                ctx.out = module(*inputs[:len(sample_args)])
+            return ctx.out.detach()
+
+        @staticmethod
+        def backward(ctx, grad):
+            for static, g in zip(static_grads, torch.autograd.grad(ctx.out, params, grad)):
+                static.copy_(g)
+            return (None,) * len(sample_args) + tuple(s.detach() for s in static_grads)
+
+    return lambda *inputs: Replay.apply(*inputs, *params)
+
+
+@slow
+def test_cuda_graphs_unet_accumulates_gradients_as_eager():
+    """--cuda-graphs (GraphedUNet) with a stand-in for make_graphed_callables that, like the real one, returns
+    each weight's gradient in static memory that the next backward overwrites: a step of three micro-batches
+    (3 + 3 + 2 pairs, the last one eager) accumulates the gradient of the eager UNet, the loss is the same,
+    one capture is made (the first train-mode shape), and sampling-mode calls never capture."""
+    args = ddpo.parse_args(["--preset", "tiny", *LORA_CFG])
+    pipe = ddpo.build_tiny_pipeline(0)  # random weights: no pretraining needed
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(args.num_steps)
+    params = ddpo.setup_trainable(pipe.unet, args)
+    with torch.no_grad():
+        for p in params:  # LoRA's B starts at 0: make every LoRA weight's gradient nonzero
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    g = torch.Generator().manual_seed(0)
+    N, T = 4, args.num_steps
+    x = torch.randn(N, T + 1, *TINY_LATENT, generator=g)
+    samples = {"latents": x[:, :-1], "next_latents": x[:, 1:], "final_latents": x[:, -1],
+               "timesteps": scheduler.timesteps.repeat(N, 1), "log_probs": -torch.rand(N, T, generator=g),
+               "embeds": ddpo.encode_prompts(pipe, ddpo.PROMPT_SETS["tiny_shapes"][:N]).detach(),
+               "advantages": torch.randn(N, generator=g)}
+    uncond = ddpo.encode_prompts(pipe, [""]).detach()
+    i, j = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    micro_batches = [(i[:3], j[:3]), (i[3:6], j[3:6]), (i[6:], j[6:])]
+    captures = []
+    graphed = ddpo.GraphedUNet(pipe.unet, contextlib.nullcontext,
+                               make_graphed=lambda m, a: fake_make_graphed(m, a, captures))
+    pipe.unet.eval()
+    with torch.no_grad():
+        graphed(x[:2, 0], scheduler.timesteps[:2], samples["embeds"][:2])  # sampling: eager, no capture
+    assert captures == []
+    pipe.unet.train()
+    results = []
+    for unet in (pipe.unet, graphed):
+        loss_fn = functools.partial(ddpo.micro_batch_loss, unet, scheduler, uncond_embeds=uncond, guidance_scale=3.0,
+                                    eta=1.0, clip_range=1e-3, adv_clip_max=5.0)
+        total = 0.0
+        for a, b in micro_batches:
+            loss, _ = loss_fn(ddpo.gather_pairs(samples, a, b))
+            (loss * len(a) / 8).backward()
+            total += loss.item() * len(a) / 8
+        results.append((total, [p.grad.clone() for p in params]))
+        for p in params:
+            p.grad = None
+    assert captures == [((6, *TINY_LATENT), (6,), (6, *samples["embeds"].shape[1:]))]  # 3 pairs x [uncond; cond]
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
+    scale = max(gr.abs().max().item() for gr in results[0][1])
+    assert scale > 0
+    for eager, replayed in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-6 * scale)
 
 
 @slow
