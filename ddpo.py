@@ -1895,7 +1895,7 @@ class GraphedUNet:
                 return self.unet(*a).sample
 
         with self.autocast():  # captured under the autocast it is called under (without its cast cache)
-            self.graphed = self.make_graphed(Noise(self.unet), args)
+            self.graphed = self.make_graphed(Noise(self.unet), args, allow_unused_input=True)  # unused weights: no error
         # The backward graph returns each weight's gradient in its own static memory, which the next replay
         # overwrites; autograd would keep that very tensor as p.grad when p.grad is None. A copy goes there.
         for p in self.unet.parameters():

@@ -1494,7 +1494,7 @@ def test_cuda_graphs_unet_accumulates_gradients_as_eager():
     micro_batches = [(i[:3], j[:3]), (i[3:6], j[3:6]), (i[6:], j[6:])]
     captures = []
     graphed = ddpo.GraphedUNet(pipe.unet, contextlib.nullcontext,
-                               make_graphed=lambda m, a: fake_make_graphed(m, a, captures))
+                               make_graphed=lambda m, a, **_: fake_make_graphed(m, a, captures))
     pipe.unet.eval()
     with torch.no_grad():
         graphed(x[:2, 0], scheduler.timesteps[:2], samples["embeds"][:2])  # sampling: eager, no capture
