@@ -53,7 +53,7 @@ import time
 import traceback
 import types
 import warnings
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -2016,20 +2016,22 @@ def sample_main(argv):
 # The tiny offline test bed: a small SD-shaped model (UNet2DConditionModel, AutoencoderKL, CLIP text
 # encoder, byte-level CLIP tokenizer) built from configs. Random weights are a poor RL test bed (any
 # update saturates the images), so --model tiny pretrains it in code on synthetic captioned images of
-# coloured shapes, about ten minutes on 2 CPU cores, once; the result is cached (DDPO_CACHE, default
+# coloured shapes, about twenty minutes on 2 CPU cores, once; the result is cached (DDPO_CACHE, default
 # ~/.cache/ddpo) as an ordinary diffusers pipeline directory.
 # ------------------------------------------------------------------------------------------------------
-TINY_VERSION = "tiny-v3"  # bump when the tiny model or its pretraining changes, so caches are rebuilt
+TINY_VERSION = "tiny-v5"  # bump when the tiny model or its pretraining changes, so caches are rebuilt
 COLORS = {"red": (0.9, 0.15, 0.1), "green": (0.1, 0.75, 0.2), "blue": (0.15, 0.25, 0.9),
           "yellow": (0.95, 0.85, 0.1), "purple": (0.6, 0.2, 0.7), "orange": (1.0, 0.55, 0.1),
           "white": (0.95, 0.95, 0.95), "black": (0.08, 0.08, 0.08), "grey": (0.5, 0.5, 0.5)}
 SHAPES = ("circle", "square", "triangle", "ring")
 TEXTURES = ("plain", "striped", "speckled")
+TINY_WORDS = ("a", "on", *COLORS, *SHAPES, *TEXTURES)  # one token each in the tiny tokenizer
 
 
-def byte_level_clip_tokenizer(max_length=32):
-    """A CLIPTokenizer with the 256 byte symbols (and their end-of-word forms) and no merges: every
-    character is a token. Built in code, so no vocabulary file is needed."""
+def byte_level_clip_tokenizer(max_length=32, words=()):
+    """A CLIPTokenizer over the 256 byte symbols (and their end-of-word forms), so every character is a
+    token, plus the BPE merges that make each of `words` one token, as SD's CLIP tokenizer makes common
+    English words one token. Built in code, so no vocabulary file is needed."""
     from transformers import CLIPTokenizer
 
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2's byte -> unicode table
@@ -2042,7 +2044,29 @@ def byte_level_clip_tokenizer(max_length=32):
     symbols = [chr(c) for c in codes]
     vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
     vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+    merges = bpe_merges(words)
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def bpe_merges(words):
+    """BPE training on a word list: merge the most frequent adjacent pair of symbols (first seen on a tie)
+    until every word is one symbol. Returns the merges in order: [('r', 'e'), ('re', 'd</w>'), ...]."""
+    words = [list(w[:-1]) + [w[-1] + "</w>"] for w in words]
+    merges = []
+    while True:
+        pairs = Counter(pair for w in words for pair in zip(w, w[1:]))
+        if not pairs:
+            return merges
+        a, b = max(pairs, key=pairs.get)
+        merges.append((a, b))
+        for w in words:
+            i = 0
+            while i < len(w) - 1:
+                if (w[i], w[i + 1]) == (a, b):
+                    w[i:i + 2] = [a + b]
+                i += 1
 
 
 def build_tiny_pipeline(seed=0):
@@ -2050,14 +2074,16 @@ def build_tiny_pipeline(seed=0):
     downsampling and 12 latent channels (latents 12x16x16: as many numbers as pixels, so its decoder can
     draw both flat colour and per-pixel texture, the two ends of JPEG size), a 1.0M-parameter UNet with
     cross-attention at 8x8 and the prompt's pooled embedding added to the timestep's (diffusers'
-    addition_embed_type "text": every block sees the prompt), a 2-layer CLIP text encoder, and a DDIM
+    addition_embed_type "text": every block sees the prompt), a 2-layer CLIP text encoder over a tokenizer
+    that makes each word of the tiny world one token (with characters, background colours stayed near
+    chance: README, "The tiny world"), and a DDIM
     scheduler with Stable Diffusion's noise schedule and v-prediction (SD 2's): its target holds the clean
     image at high noise, where the prompt decides what is drawn (README, "The tiny world")."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    tokenizer = byte_level_clip_tokenizer()
+    tokenizer = byte_level_clip_tokenizer(words=TINY_WORDS)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length, projection_dim=32,
@@ -2079,9 +2105,9 @@ def build_tiny_pipeline(seed=0):
 
 
 def synthetic_shapes(n, generator, size=32):
-    """n captioned 32x32 images: a coloured shape (circle, square, triangle, ring), plain, striped or
-    speckled, at a random place and size, on a plain, striped or speckled coloured background; one in
-    eight has no shape at all. Returns ((n, 3, H, W) in [0, 1], captions). Captions name what is drawn
+    """n captioned 32x32 images: a coloured shape (circle, square, triangle, ring), plain (half of them),
+    striped or speckled, near the centre and at a random size, on a plain (half), striped or speckled
+    coloured background; one in eight has no shape at all. Returns ((n, 3, H, W) in [0, 1], captions). Captions name what is drawn
     ('a striped red circle on speckled blue', 'striped green'). The empty and the textured backgrounds
     put both ends of JPEG size (flat colour, texture everywhere) inside what the tiny model can draw."""
     g = generator
@@ -2091,9 +2117,10 @@ def synthetic_shapes(n, generator, size=32):
     bg = (fg + torch.randint(1, len(names), (n,), generator=g)) % len(names)  # bg != fg
     shape = torch.randint(len(SHAPES), (n,), generator=g)
     empty = torch.rand(n, generator=g) < 0.125
-    texture, bg_texture = torch.randint(len(TEXTURES), (2, n), generator=g)
-    cy, cx = (torch.rand(2, n, 1, 1, generator=g) * 12 + 10)  # centre in [10, 22]
-    r = torch.rand(n, 1, 1, generator=g) * 5 + 6  # "radius" in [6, 11]
+    u = torch.rand(2, n, generator=g)
+    texture, bg_texture = (u >= 0.5).long() + (u >= 0.75).long()  # plain 1/2, striped 1/4, speckled 1/4
+    cy, cx = (torch.rand(2, n, 1, 1, generator=g) * 8 + 12)  # centre in [12, 20]
+    r = torch.rand(n, 1, 1, generator=g) * 3 + 8  # "radius" in [8, 11]
     yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
     dy, dx = yy - cy, xx - cx  # (n, H, W)
     dist = (dy**2 + dx**2).sqrt()
@@ -2124,7 +2151,7 @@ def synthetic_shapes(n, generator, size=32):
     return images.clamp(0, 1), captions
 
 
-def pretrain_tiny_pipeline(pipe, seed=0, vae_steps=300, unet_steps=1000, batch_size=48, log=print):
+def pretrain_tiny_pipeline(pipe, seed=0, vae_steps=300, unet_steps=2000, batch_size=48, log=print):
     """Make the random tiny pipeline a real (if small) text-to-image model: train the VAE as an autoencoder
     whose latents stay close to the pixels themselves (pixel_unshuffle: 2x2 patches as 12 channels, so the
     decoder is nearly a reshuffle and draws clean colour from the UNet's latents), then the UNet as a
