@@ -1895,7 +1895,8 @@ class GraphedUNet:
                 return self.unet(*a).sample
 
         with self.autocast():  # captured under the autocast it is called under (without its cast cache)
-            self.graphed = self.make_graphed(Noise(self.unet), args, allow_unused_input=True)  # unused weights: no error
+            # allow_unused_input: a trainable weight that the forward does not use is not an error
+            self.graphed = self.make_graphed(Noise(self.unet), args, allow_unused_input=True)
         # The backward graph returns each weight's gradient in its own static memory, which the next replay
         # overwrites; autograd would keep that very tensor as p.grad when p.grad is None. A copy goes there.
         for p in self.unet.parameters():
@@ -2016,7 +2017,7 @@ def sample_main(argv):
 # The tiny offline test bed: a small SD-shaped model (UNet2DConditionModel, AutoencoderKL, CLIP text
 # encoder, byte-level CLIP tokenizer) built from configs. Random weights are a poor RL test bed (any
 # update saturates the images), so --model tiny pretrains it in code on synthetic captioned images of
-# coloured shapes, about twenty minutes on 2 CPU cores, once; the result is cached (DDPO_CACHE, default
+# coloured shapes, about 19 minutes on 2 CPU cores, once; the result is cached (DDPO_CACHE, default
 # ~/.cache/ddpo) as an ordinary diffusers pipeline directory.
 # ------------------------------------------------------------------------------------------------------
 TINY_VERSION = "tiny-v5"  # bump when the tiny model or its pretraining changes, so caches are rebuilt
@@ -2107,9 +2108,10 @@ def build_tiny_pipeline(seed=0):
 def synthetic_shapes(n, generator, size=32):
     """n captioned 32x32 images: a coloured shape (circle, square, triangle, ring), plain (half of them),
     striped or speckled, near the centre and at a random size, on a plain (half), striped or speckled
-    coloured background; one in eight has no shape at all. Returns ((n, 3, H, W) in [0, 1], captions). Captions name what is drawn
-    ('a striped red circle on speckled blue', 'striped green'). The empty and the textured backgrounds
-    put both ends of JPEG size (flat colour, texture everywhere) inside what the tiny model can draw."""
+    coloured background; one in eight has no shape at all. Returns ((n, 3, H, W) in [0, 1], captions).
+    Captions name what is drawn ('a striped red circle on speckled blue', 'striped green'). The empty and
+    the textured backgrounds put both ends of JPEG size (flat colour, texture everywhere) inside what the
+    tiny model can draw."""
     g = generator
     names = list(COLORS)
     rgb = torch.tensor([COLORS[c] for c in names])  # (K, 3)
