@@ -1786,9 +1786,8 @@ def test_tiny_classifier_reads_held_out_synthetic_images_and_alignment_ranks_rig
 def test_the_tiny_models_samples_show_their_captions():
     """The pretrained tiny model, sampled as the tiny preset samples (10 DDIM steps, eta 1, no guidance), draws
     what its prompts name, as read by the tiny world's classifier: most samples right on each attribute
-    (chance: 1/9 for the colours, 1/5 for the shape). Measured on 2 x 256 samples (README, version 6): colour
-    96-98%, background 100%, shape 53.5%. Here 64 samples (measured: 97%, 53%, 100%): the shape's bound is
-    ~3.5 binomial stds below 53%, still 10 points above chance."""
+    (chance: 1/9 for the colours, 1/5 for the shape). Measured on 2 x 256 samples (README, version 5): colour
+    and background 100%, shape 65-68%. Here 64 samples: the shape's bound is ~3.5 binomial stds below 66%."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None)
@@ -1800,7 +1799,7 @@ def test_the_tiny_models_samples_show_their_captions():
                                               TINY_LATENT, 1.0, 1.0, torch.Generator().manual_seed(0))
         images = ddpo.decode_images(pipe.vae, latents[:, -1])
     accuracy = ddpo.attribute_accuracy(ddpo.tiny_classifier(), images, prompts)
-    assert accuracy["colour"] > 0.9 and accuracy["background"] > 0.9 and accuracy["shape"] > 0.3, accuracy
+    assert accuracy["colour"] > 0.9 and accuracy["background"] > 0.9 and accuracy["shape"] > 0.45, accuracy
 
 
 @slow
