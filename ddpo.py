@@ -2017,10 +2017,10 @@ def sample_main(argv):
 # The tiny offline test bed: a small SD-shaped model (UNet2DConditionModel, AutoencoderKL, CLIP text
 # encoder, byte-level CLIP tokenizer) built from configs. Random weights are a poor RL test bed (any
 # update saturates the images), so --model tiny pretrains it in code on synthetic captioned images of
-# coloured shapes, about 19 minutes on 2 CPU cores, once; the result is cached (DDPO_CACHE, default
+# coloured shapes, about 10 minutes on 2 CPU cores, once; the result is cached (DDPO_CACHE, default
 # ~/.cache/ddpo) as an ordinary diffusers pipeline directory.
 # ------------------------------------------------------------------------------------------------------
-TINY_VERSION = "tiny-v5"  # bump when the tiny model or its pretraining changes, so caches are rebuilt
+TINY_VERSION = "tiny-v7"  # bump when the tiny model or its pretraining changes, so caches are rebuilt
 COLORS = {"red": (0.9, 0.15, 0.1), "green": (0.1, 0.75, 0.2), "blue": (0.15, 0.25, 0.9),
           "yellow": (0.95, 0.85, 0.1), "purple": (0.6, 0.2, 0.7), "orange": (1.0, 0.55, 0.1),
           "white": (0.95, 0.95, 0.95), "black": (0.08, 0.08, 0.08), "grey": (0.5, 0.5, 0.5)}
@@ -2096,7 +2096,8 @@ def build_tiny_pipeline(seed=0):
     unet = UNet2DConditionModel(sample_size=16, in_channels=12, out_channels=12, block_out_channels=(32, 64),
                                 layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=8, norm_num_groups=8, addition_embed_type="text",
+                                attention_head_dim=2,  # diffusers reads it as the number of heads: 2 of 32
+                                norm_num_groups=8, addition_embed_type="text",
                                 addition_embed_type_num_heads=4)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
@@ -2153,12 +2154,15 @@ def synthetic_shapes(n, generator, size=32):
     return images.clamp(0, 1), captions
 
 
-def pretrain_tiny_pipeline(pipe, seed=0, vae_steps=300, unet_steps=2000, batch_size=48, log=print):
+def pretrain_tiny_pipeline(pipe, seed=0, vae_steps=300, unet_steps=2500, batch_size=16, log=print):
     """Make the random tiny pipeline a real (if small) text-to-image model: train the VAE as an autoencoder
     whose latents stay close to the pixels themselves (pixel_unshuffle: 2x2 patches as 12 channels, so the
     decoder is nearly a reshuffle and draws clean colour from the UNet's latents), then the UNet as a
     v-prediction denoiser on the VAE latents of synthetic captioned images, together with the text encoder
-    (10% of captions dropped for classifier-free guidance)."""
+    (10% of captions dropped for classifier-free guidance). The UNet's timesteps are drawn with density
+    proportional to t, so more of its steps fall at high noise, where the prompt decides which shape is drawn
+    (README, "The tiny world": after 2500 steps of 16, shapes right 55-65% of the time, against 33-41% with
+    uniform timesteps after 2000; version 5's uniform timesteps needed 2000 steps of 48, twice the time)."""
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(seed)
@@ -2195,7 +2199,7 @@ def pretrain_tiny_pipeline(pipe, seed=0, vae_steps=300, unet_steps=2000, batch_s
     for step in range(unet_steps):
         idx = torch.randint(len(latents), (batch_size,), generator=g)
         x0 = latents[idx]
-        t = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=g)
+        t = (torch.rand(batch_size, generator=g).sqrt() * scheduler.config.num_train_timesteps).long()  # p(t) ~ t
         noise = torch.randn(x0.shape, generator=g)
         prediction = unet(scheduler.add_noise(x0, noise, t), t, text_encoder(tokens[idx])[0]).sample
         loss = F.mse_loss(prediction, scheduler.get_velocity(x0, noise, t))
