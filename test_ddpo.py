@@ -1055,10 +1055,11 @@ def user_rewards(tmp_path, monkeypatch):
     (["--train-timesteps", "0:11"], "--train-timesteps must be a:b with 0 <= a < b <= --num-steps 10 (got '0:11')"),
     (["--train-timesteps", "early"], "--train-timesteps must be a:b with 0 <= a < b"),
     (["--ema-decay", "1"], "--ema-decay must be in [0, 1) (0 = off) (got 1.0)"),
-    (["--cuda-graphs", "--compile"], "--cuda-graphs must be used without --compile and --gradient-checkpointing"),
-    (["--cuda-graphs", "--gradient-checkpointing"], "--cuda-graphs must be used without --compile"),
-    (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA device (--device cpu)"),
-    (["--cuda-graphs"], "--cuda-graphs needs a CUDA device (--device auto, and CUDA is not available)"),
+    (["--cuda-graphs", "on", "--compile"], "--cuda-graphs must be off or auto with --compile or --gradient-checkpointing"),
+    (["--cuda-graphs", "on", "--gradient-checkpointing"], "--cuda-graphs must be off or auto with --compile"),
+    (["--cuda-graphs", "on", "--device", "cpu"], "--cuda-graphs on needs a CUDA device (--device cpu)"),
+    (["--cuda-graphs", "on"], "--cuda-graphs on needs a CUDA device (--device auto, and CUDA is not available)"),
+    (["--cuda-graphs", "yes"], "--cuda-graphs must be auto or on or off (got 'yes')"),
     (["--eval-every", "-1"], "--eval-every must be >= 0 (got -1)"),
     (["--eval-every", "5", "--prompts", "LATIN1"], "--eval-every needs --eval-prompts with --prompts"),
     (["--eval-every", "5", "--eval-prompts", "no_such_set"], "--prompts 'no_such_set' is neither a built-in set"),
@@ -1068,7 +1069,7 @@ def user_rewards(tmp_path, monkeypatch):
      "'cat' is not one"),
 ])
 def test_bad_input_fails_in_one_line_before_models_load(argv, message, monkeypatch, tmp_path, user_rewards):
-    if torch.cuda.is_available() and argv in (["--device", "cuda"], ["--cuda-graphs"]):
+    if torch.cuda.is_available() and argv in (["--device", "cuda"], ["--cuda-graphs", "on"]):
         pytest.skip("this machine has CUDA")
     monkeypatch.setattr(ddpo, "load_pipeline", lambda *a, **k: pytest.fail("models loaded before input was checked"))
     monkeypatch.chdir(tmp_path)
@@ -1487,6 +1488,25 @@ def fake_make_graphed(module, sample_args, log):
             return (None,) * len(sample_args) + tuple(s.detach() for s in static_grads)
 
     return lambda *inputs: Replay.apply(*inputs, *params)
+
+
+def test_cuda_graphs_auto_is_on_for_lora_on_cuda_only():
+    """--cuda-graphs auto (the default) turns the graphs on where they were measured to pay: LoRA on a CUDA
+    device, eager. Off on the CPU, with --compile or --gradient-checkpointing (which a capture cannot hold),
+    and in full fine-tuning. 'on' and 'off' are taken as given (validate() has checked 'on')."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+
+    def graphs(device, *argv):
+        return ddpo.use_cuda_graphs(ddpo.parse_args(list(argv)), device)
+
+    assert ddpo.parse_args([]).cuda_graphs == "auto"
+    assert graphs(cuda) is True
+    assert graphs(cpu) is False
+    assert graphs(cuda, "--compile") is False
+    assert graphs(cuda, "--gradient-checkpointing") is False
+    assert graphs(cuda, "--lora-rank", "0") is False
+    assert graphs(cuda, "--cuda-graphs", "off") is False
+    assert graphs(cuda, "--cuda-graphs", "on", "--lora-rank", "0") is True
 
 
 @slow
