@@ -1805,23 +1805,23 @@ def test_tiny_classifier_reads_held_out_synthetic_images_and_alignment_ranks_rig
 @slow
 def test_the_tiny_models_samples_show_their_captions():
     """The pretrained tiny model, sampled as the tiny preset samples (10 DDIM steps, eta 1, no guidance), draws
-    what its prompts name, as read by the tiny world's classifier: most samples right on each attribute
-    (chance: 1/9 for the colours, 1/5 for the shape). Measured on 2 x 256 samples (README, version 7): colour
-    99-100%, background 100%, shape 55.5%; here (64 samples) 100%, 100%, 56%. The shape's bound is ~1.7
-    binomial stds of 64 samples below 55.5%: a model built on another CPU (other round-off) may come near it;
-    8 samples per prompt read 46% here."""
+    what its prompts name, as read by the tiny world's classifier, far above chance (1/9 for the colours, 1/5
+    for the shape) on 128 samples (8 per prompt). The build's result depends on the CPU's round-off (README,
+    "The tiny world"): five builds of version 7 read colour 86-100%, shape 43-61%, background 99-100% on 2 x 256
+    samples, and 92-100%, 43-54%, 100% here. Each bound is below the worst build by more than 2.5 binomial
+    stds of 128 samples: colour > 80%, background > 90%, shape > 33% (3.7 stds above chance)."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None)
     pipe.scheduler.set_timesteps(10)
-    prompts = [p for p in ddpo.PROMPT_SETS["tiny_shapes"] + ddpo.PROMPT_SETS["tiny_shapes_heldout"] for _ in range(4)]
+    prompts = [p for p in ddpo.PROMPT_SETS["tiny_shapes"] + ddpo.PROMPT_SETS["tiny_shapes_heldout"] for _ in range(8)]
     with torch.no_grad():
         embeds, uncond = ddpo.encode_prompts(pipe, prompts), ddpo.encode_prompts(pipe, [""])
         latents, _ = ddpo.sample_trajectories(pipe.unet, pipe.scheduler, embeds, uncond.expand(len(prompts), -1, -1),
                                               TINY_LATENT, 1.0, 1.0, torch.Generator().manual_seed(0))
         images = ddpo.decode_images(pipe.vae, latents[:, -1])
     accuracy = ddpo.attribute_accuracy(ddpo.tiny_classifier(), images, prompts)
-    assert accuracy["colour"] > 0.9 and accuracy["background"] > 0.9 and accuracy["shape"] > 0.45, accuracy
+    assert accuracy["colour"] > 0.8 and accuracy["background"] > 0.9 and accuracy["shape"] > 0.33, accuracy
 
 
 @slow
