@@ -2031,7 +2031,7 @@ def sample_main(argv):
 # The tiny offline test bed: a small SD-shaped model (UNet2DConditionModel, AutoencoderKL, CLIP text
 # encoder, byte-level CLIP tokenizer) built from configs. Random weights are a poor RL test bed (any
 # update saturates the images), so --model tiny pretrains it in code on synthetic captioned images of
-# coloured shapes, about 10 minutes on 2 CPU cores, once; the result is cached (DDPO_CACHE, default
+# coloured shapes, 6.5-10 minutes on 2 CPU cores, once; the result is cached (DDPO_CACHE, default
 # ~/.cache/ddpo) as an ordinary diffusers pipeline directory.
 # ------------------------------------------------------------------------------------------------------
 TINY_VERSION = "tiny-v7"  # bump when the tiny model or its pretraining changes, so caches are rebuilt
@@ -2175,8 +2175,9 @@ def pretrain_tiny_pipeline(pipe, seed=0, vae_steps=300, unet_steps=2500, batch_s
     v-prediction denoiser on the VAE latents of synthetic captioned images, together with the text encoder
     (10% of captions dropped for classifier-free guidance). The UNet's timesteps are drawn with density
     proportional to t, so more of its steps fall at high noise, where the prompt decides which shape is drawn
-    (README, "The tiny world": after 2500 steps of 16, shapes right 55-65% of the time, against 33-41% with
-    uniform timesteps after 2000; version 5's uniform timesteps needed 2000 steps of 48, twice the time)."""
+    (README, "The tiny world": after 2500 steps of 16, shapes right 43-61% of the time across five builds,
+    against 33-41% with uniform timesteps after 2000; version 5's uniform timesteps needed 2000 steps of 48,
+    twice the time)."""
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(seed)
