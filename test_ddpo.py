@@ -666,8 +666,9 @@ def test_synthetic_shapes_draw_what_their_captions_say():
 def test_synthetic_shapes_are_the_shapes_their_captions_name():
     """Each plain shape on a plain background, read from its pixels: the share of its bounding box it fills
     is the named shape's (square 1, circle pi/4 = 0.79, triangle 1/2, ring pi (1 - 0.55^2) / 4 = 0.55, with
-    its centre empty), and a square's side is 0.85 of a circle's diameter (half-width 0.85 r against radius r,
-    as synthetic_shapes draws them)."""
+    its centre empty), and a square's side is a circle's diameter (half-width r against radius r, as
+    synthetic_shapes draws them since version 8; version 7's squares, half-width 0.85 r, were smaller than the
+    circles, and its model drew them as rounded blobs)."""
     images, captions = ddpo.synthetic_shapes(2000, torch.Generator().manual_seed(3))
     fills, sides = {s: [] for s in ddpo.SHAPES}, {s: [] for s in ddpo.SHAPES}
     for image, caption in zip(images, captions):
@@ -687,7 +688,7 @@ def test_synthetic_shapes_are_the_shapes_their_captions_name():
     assert min(fills["square"]) == 1.0
     assert 0.72 < np.mean(fills["circle"]) < 0.85 and 0.45 < np.mean(fills["triangle"]) < 0.56, fills
     assert 0.48 < np.mean(fills["ring"]) < 0.62 and max(fills["triangle"]) < min(fills["circle"]) < 1.0
-    assert abs(np.mean(sides["square"]) - 0.85 * np.mean(sides["circle"])) < 0.5 and 13 <= min(sides["square"])
+    assert abs(np.mean(sides["square"]) - np.mean(sides["circle"])) < 0.5 and 16 <= min(sides["square"])
 
 
 def test_caption_attributes_read_the_tiny_worlds_grammar():
@@ -1833,11 +1834,11 @@ def test_tiny_classifier_reads_held_out_synthetic_images_and_alignment_ranks_rig
 def test_the_tiny_models_samples_show_their_captions():
     """The pretrained tiny model, sampled as the tiny preset samples (10 DDIM steps, eta 1, no guidance), draws
     what its prompts name, as read by the tiny world's classifier, far above chance (1/9 for the colours, 1/5
-    for the shape) on 128 samples (8 per prompt). The build's result depends on the CPU's round-off (README,
-    "The tiny world"): five builds of version 7 read colour 86-100%, shape 43-61%, background 99-100% on 2 x 256
-    samples, and 92-100%, 43-54%, 100% here. Each bound is below the worst build (both prompt sets together:
-    colour 91%, shape 45%) by more than 2.5 binomial stds of 128 samples: colour > 80%, background > 90%,
-    shape > 33% (3.7 stds above chance)."""
+    for the shape) on 128 samples (8 per prompt): most samples right on each attribute. The build's result
+    depends on the CPU's round-off (README, "The tiny world"): four builds of version 8 read colour 91-100%,
+    shape 67-84%, background 94-100% here, and 91-100%, 72-84%, 95-100% on 512 samples (32 per prompt). Each
+    bound is below the worst build by more than 2.5 binomial stds of 128 samples: colour > 80%, shape > 55%,
+    background > 88%. Version 7, whose squares came out as rounded blobs, read shape 43-54% here."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None)
@@ -1849,7 +1850,7 @@ def test_the_tiny_models_samples_show_their_captions():
                                               TINY_LATENT, 1.0, 1.0, torch.Generator().manual_seed(0))
         images = ddpo.decode_images(pipe.vae, latents[:, -1])
     accuracy = ddpo.attribute_accuracy(ddpo.tiny_classifier(), images, prompts)
-    assert accuracy["colour"] > 0.8 and accuracy["background"] > 0.9 and accuracy["shape"] > 0.33, accuracy
+    assert accuracy["colour"] > 0.8 and accuracy["background"] > 0.88 and accuracy["shape"] > 0.55, accuracy
 
 
 @slow
@@ -2098,13 +2099,15 @@ def test_a_reward_failing_mid_run_keeps_the_epochs_done(user_rewards, tmp_path, 
 def test_brightness_learns_both_ways_beyond_the_shuffled_advantage_control(tmp_path):
     """Learning that no control can explain. Up and down run from the same seed and differ only in the
     reward's sign, so whatever moves both alike (any update moves this small model's images somewhat) cancels
-    in up - down, which must be well above noise. The same seed with advantages shuffled across samples (no
-    link between a sample and its reward) shows that drift, and one direction at least must beat it. Units:
-    epoch 0's std across samples, which on tiny model v7 is large (0.126: black and white backgrounds); the
-    standard error of a difference of two last-5-epoch means is about 0.08 of it. Measured on v7: up - down
-    +0.46, up - control +0.04, control - down +0.42 (v5: +0.60, +0.40, +0.20; v3, std 0.07: +1.5, -0.2, +1.75).
-    The bound holds at the seed this test runs, not at every seed: on the AVX-512 machine's v7 build, seed 0
-    read +0.37, -0.02, +0.39, seeds 1 and 2 +0.08, -0.01, +0.09 and +0.06, +0.02, +0.04 (README, "A version 8")."""
+    in up - down, which must be above noise. The same seed with advantages shuffled across samples (no link
+    between a sample and its reward) shows that drift, and one direction at least must beat it. Units: epoch
+    0's std across samples (0.12-0.16 on tiny model v8: black and white backgrounds); the standard error of a
+    difference of two independent last-5-epoch means of 64 samples is 0.08 of it. Measured on v8 (README, "The
+    tiny world"), up - down, up - control, control - down: this machine's build at seeds 0, 1, 2 +0.26, +0.18,
+    +0.08; +0.32, +0.13, +0.18; +0.24, +0.00, +0.24; two other builds at seed 0 +0.33, +0.31, +0.02 and
+    +0.25, +0.26, -0.01. Bounds below the lowest of those five: up - down > 0.15 (a run that learns nothing
+    passes it 3% of the time), the better direction > 0.1. (Version 7, at seeds 0, 1, 2: up - down +0.37,
+    +0.08, +0.06.)"""
     brightness = {}
     for name, argv in [("up", ["--reward", "brightness"]), ("down", ["--reward", "darkness"]),
                        ("control", ["--reward", "brightness", "--shuffle-advantages"])]:
@@ -2117,8 +2120,8 @@ def test_brightness_learns_both_ways_beyond_the_shuffled_advantage_control(tmp_p
     start, _, std = brightness["control"]
     assert brightness["up"][0] == start == pytest.approx(brightness["down"][0], abs=1e-6)  # same seed, same epoch 0
     up, down, control = (brightness[k][1] for k in ("up", "down", "control"))
-    assert up - down > 0.3 * std, brightness  # ~4 standard errors; measured 0.46
-    assert max(up - control, control - down) > 0.2 * std, brightness  # measured 0.42
+    assert up - down > 0.15 * std, brightness  # ~2 standard errors; measured 0.24-0.33
+    assert max(up - control, control - down) > 0.1 * std, brightness  # measured 0.18-0.31
 
 
 def unet_weights(checkpoint):
