@@ -2211,6 +2211,7 @@ def pretrain_tiny_pipeline(pipe, seed=0, vae_steps=300, unet_steps=3000, batch_s
     text_encoder.requires_grad_(True).train()
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=unet_steps, pct_start=0.05)
+    t_unet = time.time()
     for step in range(unet_steps):
         idx = torch.randint(len(latents), (batch_size,), generator=g)
         x0 = latents[idx]
@@ -2224,7 +2225,9 @@ def pretrain_tiny_pipeline(pipe, seed=0, vae_steps=300, unet_steps=3000, batch_s
         opt.step()
         sched.step()
         if step % 250 == 0 or step == unet_steps - 1:
-            log(f"  tiny UNet  step {step:4d}/{unet_steps}  v-prediction mse {loss.item():.4f}  {time.time() - t0:.0f}s")
+            left = (time.time() - t_unet) / (step + 1) * (unet_steps - step - 1)
+            log(f"  tiny UNet  step {step:4d}/{unet_steps}  v-prediction mse {loss.item():.4f}  {time.time() - t0:.0f}s"
+                f" (about {left / 60:.0f} min left)")
     unet.eval()
     text_encoder.requires_grad_(False).eval()
     return pipe
@@ -2239,7 +2242,7 @@ def tiny_pretrained_path(seed=0, log=print) -> str:
     Written to a temporary directory and renamed, so an interrupted build never leaves a broken cache."""
     cache = tiny_cache_dir() / f"{TINY_VERSION}-seed{seed}"
     if not (cache / "model_index.json").exists():
-        log(f"pretraining the tiny pipeline once (cached in {cache}) ...")
+        log(f"pretraining the tiny pipeline once (about 8 minutes on 2 CPU cores; cached in {cache}) ...")
         with torch.random.fork_rng():
             pipe = pretrain_tiny_pipeline(build_tiny_pipeline(seed), seed=seed, log=log)
         tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
