@@ -438,11 +438,27 @@ def bench_inputs(B, N, dtype, device, cfg=True):
     return scheduler, cond, uncond, t, x_t, x_prev, old
 
 
+class _Nothing(torch.autograd.Function):
+    """The floor of any autograd.Function on this host: takes the two predictions, returns two (B,) tensors,
+    and gives back gradients allocated beforehand. No kernel, no check, no allocation of size N."""
+
+    @staticmethod
+    def forward(ctx, cond, uncond, grads):
+        ctx.grads = grads
+        return cond.new_empty(cond.shape[0], dtype=torch.float32), cond.new_empty(cond.shape[0], dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ratio):
+        return *ctx.grads, None
+
+
 def time_on_gpu(B, N, dtype):
     """Microseconds per call on the current CUDA device: the forward kernel alone and the backward kernel
-    alone (each replayed 100 times in a CUDA graph, so no launch or Python cost is counted), and the host
-    overhead of one ddim_logprob_ratio forward + backward call (wall time of 200 calls, CPU-bound, minus the
-    kernels), and the wall time of the two host wrappers called directly, without autograd. Returns a dict."""
+    alone (each replayed 100 times in a CUDA graph, so no launch or Python cost is counted); one
+    ddim_logprob_ratio forward + backward through autograd (`torch.autograd.grad` on the two predictions;
+    wall time of 200 calls, CPU-bound); the same through a do-nothing autograd.Function (the floor that
+    autograd itself costs on this host); and the two host wrappers called directly, without autograd.
+    Returns a dict."""
     scheduler, cond, uncond, t, x_t, x_prev, old = bench_inputs(B, N, dtype, "cuda")
     table = coefficient_table(scheduler, 1.0, x_t.device)
     logp, ratio, flat = fused_forward(cond.detach(), uncond.detach(), 5.0, table, t, x_t, x_prev, old)
@@ -474,16 +490,22 @@ def time_on_gpu(B, N, dtype):
 
     def call():
         lp, r = ddim_logprob_ratio(scheduler, cond, uncond, 5.0, t, x_t, x_prev, old, fused=True)
-        torch.autograd.backward((lp, r), (ones, ones), inputs=[cond, uncond])
+        torch.autograd.grad((lp, r), (cond, uncond), (ones, ones))
 
-    def launches():  # the host wrappers alone: checks, allocations and Triton's launcher, no autograd
+    zeros = (torch.zeros_like(cond), torch.zeros_like(uncond))
+
+    def nothing():
+        torch.autograd.grad(_Nothing.apply(cond, uncond, zeros), (cond, uncond), (ones, ones))
+
+    def launches():  # the host wrappers alone: checks, allocations and the launches, no autograd
         _, ratio_, flat_ = fused_forward(cond.detach(), uncond.detach(), 5.0, table, t, x_t, x_prev, old)
         fused_backward(*flat_, 5.0, table, t, ratio_, ones, ones)
 
-    call_us, launch_us = wall_us(call), wall_us(launches)
+    call_us, floor_us, launch_us = wall_us(call), wall_us(nothing), wall_us(launches)
     forward_bytes, backward_bytes = fused_traffic(B, N, dtype, True)
     return {"fwd_us": fwd, "bwd_us": bwd, "fwd_GBps": forward_bytes / fwd / 1e3, "bwd_GBps": backward_bytes / bwd / 1e3,
-            "call_us": call_us, "host_us": max(0.0, call_us - fwd - bwd), "launch_us": launch_us}
+            "call_us": call_us, "host_us": max(0.0, call_us - fwd - bwd), "floor_us": floor_us,
+            "launch_us": launch_us}
 
 
 def wall_us(fn, reps=200):
@@ -501,21 +523,38 @@ def wall_us(fn, reps=200):
     return (time.perf_counter() - start) / reps * 1e6
 
 
+def misaligned(t):
+    """A copy of t whose data starts one element past a 16-byte boundary (Triton compiles another variant)."""
+    buffer = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    return buffer[1:].view(t.shape).copy_(t).requires_grad_(t.requires_grad)
+
+
+def check(device, N):
+    """Fused vs reference at an SD shape, forward and gradients, on aligned inputs and on inputs off a
+    16-byte boundary (for which Triton compiles another variant of each kernel)."""
+    scheduler, cond, uncond, t, x_t, x_prev, old = bench_inputs(2, N, torch.float32, device)
+    for label in ("aligned", "misaligned"):
+        if label == "misaligned":
+            cond, uncond, x_t, x_prev = map(misaligned, (cond, uncond, x_t, x_prev))
+        results = {}
+        for fused in (True, False):
+            logp, ratio = ddim_logprob_ratio(scheduler, cond, uncond, 5.0, t, x_t, x_prev, old, fused=fused)
+            results[fused] = (logp, ratio, *torch.autograd.grad((logp + ratio).sum(), (cond, uncond)))
+        diffs = ", ".join(f"{(a - b).abs().max().item():.2e} ({name})" for name, a, b in
+                          zip(("log p", "ratio", "d eps_c", "d eps_u"), results[True], results[False]))
+        print(f"  check {label}: max |fused - reference| = {diffs}")
+    scales = ", ".join(f"{r.abs().max().item():.2e} ({name})" for name, r in
+                       zip(("log p", "ratio", "d eps_c", "d eps_u"), results[False]))
+    print(f"  (scales: {scales})")
+
+
 def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fused_available = device == "cuda" or triton_interpreter_on()
     print(f"device {device}; fused kernels {'on' if fused_available else 'off (set TRITON_INTERPRET=1 on CPU)'}")
     N = 4 * 64 * 64  # Stable Diffusion latents at 512 px
-    if fused_available:  # check: fused vs reference at an SD shape, forward and gradients
-        scheduler, cond, uncond, t, x_t, x_prev, old = bench_inputs(2, N, torch.float32, device)
-        results = []
-        for fused in (True, False):
-            logp, ratio = ddim_logprob_ratio(scheduler, cond, uncond, 5.0, t, x_t, x_prev, old, fused=fused)
-            grads = torch.autograd.grad((logp + ratio).sum(), (cond, uncond))
-            results.append((logp, ratio, *grads))
-        for name, a, b in zip(("log p", "ratio", "d eps_c", "d eps_u"), *results):
-            print(f"  check {name:8s} max |fused - reference| = {(a - b).abs().max().item():.2e} "
-                  f"(scale {b.abs().max().item():.2e})")
+    if fused_available:
+        check(device, N)
     print(f"\nper call at N = {N} (4x64x64), CFG, fp16 noise predictions, B samples; eager = the reference above")
     print(f"{'B':>3} {'eager fwd':>22} {'eager fwd+bwd':>22} {'fused fwd':>20} {'fused fwd+bwd':>20}")
     for B in (1, 2, 4, 8, 16, 32):
@@ -538,13 +577,14 @@ def main():
         return
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; fp16 predictions, CFG")
     print(f"{'B':>3} {'S':>3} {'fwd us':>8} {'fwd GB/s':>9} {'bwd us':>8} {'bwd GB/s':>9} {'call us':>8} {'host us':>8} "
-          f"{'launch us':>9}")
+          f"{'floor us':>9} {'launch us':>9}")
     for B in (1, 4, 16, 32):
         r = time_on_gpu(B, N, torch.float16)
         print(f"{B:>3} {launch_split(B, N)[0]:>3} {r['fwd_us']:8.2f} {r['fwd_GBps']:9.0f} {r['bwd_us']:8.2f} "
-              f"{r['bwd_GBps']:9.0f} {r['call_us']:8.1f} {r['host_us']:8.1f} {r['launch_us']:9.1f}")
+              f"{r['bwd_GBps']:9.0f} {r['call_us']:8.1f} {r['host_us']:8.1f} {r['floor_us']:9.1f} {r['launch_us']:9.1f}")
     print("(fwd/bwd us: the kernel alone, 100 launches replayed in a CUDA graph; call us: one ddim_logprob_ratio\n"
-          " forward + backward through autograd, wall time; host us = call - kernels; launch us: fused_forward +\n"
+          " forward + torch.autograd.grad, wall time; host us = call - kernels; floor us: the same through a\n"
+          " do-nothing autograd.Function, what autograd alone costs on this host; launch us: fused_forward +\n"
           " fused_backward called directly, wall time: the wrappers and Triton's launcher without autograd)")
 
 

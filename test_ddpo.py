@@ -585,7 +585,8 @@ def test_kernel_split_sums_deterministically_and_resets_its_counters():
 @slow
 def test_kernels_py_alone_in_an_empty_directory_runs_its_check(tmp_path):
     """kernels.py copied alone (no ddpo.py, no rewards.py importable) runs `python kernels.py`: fused ==
-    reference at an SD shape, and one launch each way against eager's dozens."""
+    reference at an SD shape (aligned and misaligned inputs), and one launch each way against
+    eager's dozens."""
     shutil.copy(os.path.join(HERE, "kernels.py"), tmp_path)
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "TRITON_INTERPRET": "1"}
     probe = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('ddpo'), "
@@ -594,8 +595,10 @@ def test_kernels_py_alone_in_an_empty_directory_runs_its_check(tmp_path):
     out = subprocess.run([sys.executable, "kernels.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    diffs = [float(d) for d in re.findall(r"max \|fused - reference\| = (\S+)", out.stdout)]
-    assert len(diffs) == 4 and max(diffs) < 1e-5, out.stdout
+    checks = re.findall(r"check (\w+): max \|fused - reference\| = (.*)", out.stdout)
+    assert [c[0] for c in checks] == ["aligned", "misaligned"], out.stdout
+    diffs = [float(d) for c in checks for d in re.findall(r"(\S+) \(", c[1])]
+    assert len(diffs) == 8 and max(diffs) < 1e-5, out.stdout
     rows = re.findall(r"^\s*(\d+)\s+([\d.]+) MB\s+(\d+) launches\s+([\d.]+) MB\s+(\d+) launches\s+([\d.]+) MB\s+1 launches"
                       r"\s+([\d.]+) MB\s+2 launches", out.stdout, re.M)
     assert [int(r[0]) for r in rows] == [1, 2, 4, 8, 16, 32], out.stdout
