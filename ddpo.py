@@ -2168,7 +2168,8 @@ def synthetic_shapes(n, generator, size=32):
     return images.clamp(0, 1), captions
 
 
-def pretrain_tiny_pipeline(pipe, seed=0, vae_steps=300, unet_steps=3000, batch_size=16, log=print):
+def pretrain_tiny_pipeline(pipe, seed=0, vae_steps=300, unet_steps=3000, batch_size=16, pool_size=8192,
+                           progress=None, save_every=250, log=print):
     """Make the random tiny pipeline a real (if small) text-to-image model: train the VAE as an autoencoder
     whose latents stay close to the pixels themselves (pixel_unshuffle: 2x2 patches as 12 channels, so the
     decoder is nearly a reshuffle and draws clean colour from the UNet's latents), then the UNet as a
@@ -2177,14 +2178,20 @@ def pretrain_tiny_pipeline(pipe, seed=0, vae_steps=300, unet_steps=3000, batch_s
     proportional to t, so more of its steps fall at high noise, where the prompt decides which shape is drawn
     (README, "The tiny world": version 8, 3000 steps of 16, draws the shapes 67-84% of the time across four
     builds; version 7, whose squares were smaller than its circles, 43-61% after 2500 steps; uniform
-    timesteps, 33-41% after 2000)."""
+    timesteps, 33-41% after 2000).
+
+    progress: a file for the UNet phase's state (every `save_every` steps, written atomically). A build that
+    finds one of the same recipe resumes from it, and ends with the same weights, bit for bit, as a build
+    that was never interrupted (on the same machine and thread count)."""
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(seed)
     vae, unet, scheduler, text_encoder = pipe.vae, pipe.unet, pipe.scheduler, pipe.text_encoder
+    recipe = dict(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, batch_size=batch_size, pool_size=pool_size)
+    state = read_progress(progress, recipe, log)
     t0 = time.time()
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0)
-    for step in range(vae_steps):
+    for step in range(vae_steps if state is None else 0):
         images, _ = synthetic_shapes(batch_size, g)
         x = images * 2 - 1
         posterior = vae.encode(x).latent_dist
@@ -2195,15 +2202,20 @@ def pretrain_tiny_pipeline(pipe, seed=0, vae_steps=300, unet_steps=3000, batch_s
         opt.step()
         if step % 100 == 0 or step == vae_steps - 1:
             log(f"  tiny VAE   step {step:4d}/{vae_steps}  loss {loss.item():.4f}  {time.time() - t0:.0f}s")
+    if state is not None:
+        vae.load_state_dict(state["vae"])
     vae.requires_grad_(False).eval()
 
-    # A fixed pool of encoded images: the UNet then trains without paying for the VAE every step.
+    # A fixed pool of encoded images: the UNet then trains without paying for the VAE every step. (A resumed
+    # build draws it again from the same generator state, with the same VAE: the same pool.)
+    pool_rng = g.get_state() if state is None else state["pool_rng"]
+    g.set_state(pool_rng)
     with torch.no_grad():
-        images, captions = synthetic_shapes(8192, g)
+        images, captions = synthetic_shapes(pool_size, g)
         latents = torch.cat([vae.encode(chunk * 2 - 1).latent_dist.mean for chunk in images.split(512)])
         vae.register_to_config(scaling_factor=float(1 / latents.std()))
         latents = latents * vae.config.scaling_factor
-        captions = [c if keep else "" for c, keep in zip(captions, (torch.rand(8192, generator=g) > 0.1).tolist())]
+        captions = [c if keep else "" for c, keep in zip(captions, (torch.rand(pool_size, generator=g) > 0.1).tolist())]
         tokens = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt").input_ids
 
@@ -2211,8 +2223,15 @@ def pretrain_tiny_pipeline(pipe, seed=0, vae_steps=300, unet_steps=3000, batch_s
     text_encoder.requires_grad_(True).train()
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=unet_steps, pct_start=0.05)
+    start = 0
+    if state is not None:
+        for module, key in ((unet, "unet"), (text_encoder, "text_encoder"), (opt, "opt"), (sched, "sched")):
+            module.load_state_dict(state[key])
+        g.set_state(state["rng"])
+        start = state["step"]
+        log(f"  resuming the tiny pipeline's pretraining at UNet step {start}/{unet_steps} ({progress})")
     t_unet = time.time()
-    for step in range(unet_steps):
+    for step in range(start, unet_steps):
         idx = torch.randint(len(latents), (batch_size,), generator=g)
         x0 = latents[idx]
         t = (torch.rand(batch_size, generator=g).sqrt() * scheduler.config.num_train_timesteps).long()  # p(t) ~ t
@@ -2224,13 +2243,43 @@ def pretrain_tiny_pipeline(pipe, seed=0, vae_steps=300, unet_steps=3000, batch_s
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        if progress and (step + 1) % save_every == 0 and step + 1 < unet_steps:
+            save_progress(progress, dict(
+                recipe=recipe, step=step + 1, rng=g.get_state(), pool_rng=pool_rng, vae=vae.state_dict(),
+                unet=unet.state_dict(), text_encoder=text_encoder.state_dict(), opt=opt.state_dict(),
+                sched=sched.state_dict()))
         if step % 250 == 0 or step == unet_steps - 1:
-            left = (time.time() - t_unet) / (step + 1) * (unet_steps - step - 1)
+            left = (time.time() - t_unet) / (step + 1 - start) * (unet_steps - step - 1)
             log(f"  tiny UNet  step {step:4d}/{unet_steps}  v-prediction mse {loss.item():.4f}  {time.time() - t0:.0f}s"
                 f" (about {left / 60:.0f} min left)")
     unet.eval()
     text_encoder.requires_grad_(False).eval()
     return pipe
+
+
+def save_progress(path, state):
+    """torch.save, atomically: a build killed mid-write leaves the previous progress file whole."""
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_progress(path, recipe, log):
+    """The saved state of an interrupted tiny pretraining with this recipe, or None."""
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # unreadable: start again rather than fail
+        log(f"  ignoring the unreadable tiny pretraining progress file {path} ({type(e).__name__}: {e})")
+        return None
+    if state.get("recipe") != recipe:
+        log(f"  ignoring {path}: saved by another recipe ({state.get('recipe')}, now {recipe})")
+        return None
+    return state
 
 
 def tiny_cache_dir() -> Path:
@@ -2239,12 +2288,16 @@ def tiny_cache_dir() -> Path:
 
 def tiny_pretrained_path(seed=0, log=print) -> str:
     """Directory of the pretrained tiny pipeline for `seed`, building and caching it on first use.
-    Written to a temporary directory and renamed, so an interrupted build never leaves a broken cache."""
+    Written to a temporary directory and renamed, so an interrupted build never leaves a broken cache; its
+    progress file lets the next call resume it."""
     cache = tiny_cache_dir() / f"{TINY_VERSION}-seed{seed}"
     if not (cache / "model_index.json").exists():
-        log(f"pretraining the tiny pipeline once (about 8 minutes on 2 CPU cores; cached in {cache}) ...")
+        progress = cache.with_name(f"{cache.name}.progress.pt")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        log(f"pretraining the tiny pipeline once (about 8 minutes on 2 CPU cores; cached in {cache}; if it is "
+            f"interrupted, the next build resumes from {progress.name}, saved every 250 UNet steps) ...")
         with torch.random.fork_rng():
-            pipe = pretrain_tiny_pipeline(build_tiny_pipeline(seed), seed=seed, log=log)
+            pipe = pretrain_tiny_pipeline(build_tiny_pipeline(seed), seed=seed, progress=progress, log=log)
         tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         pipe.save_pretrained(tmp)
@@ -2252,6 +2305,7 @@ def tiny_pretrained_path(seed=0, log=print) -> str:
             os.replace(tmp, cache)
         except OSError:  # another process finished first: theirs is as good as ours
             shutil.rmtree(tmp, ignore_errors=True)
+        progress.unlink(missing_ok=True)
     return str(cache)
 
 

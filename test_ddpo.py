@@ -1327,6 +1327,94 @@ def test_a_damaged_tiny_cache_says_how_to_rebuild_it(tmp_path, monkeypatch):
     assert "--model tiny" not in text
 
 
+TINY_RECIPE = dict(seed=3, vae_steps=2, unet_steps=6, batch_size=4, pool_size=64)  # seconds, not minutes
+
+
+def tiny_weights(pipe):
+    return {f"{name}.{key}": value for name in ("vae", "unet", "text_encoder")
+            for key, value in getattr(pipe, name).state_dict().items()}
+
+
+def assert_same_weights(pipe, reference):
+    weights, expected = tiny_weights(pipe), tiny_weights(reference)
+    assert weights.keys() == expected.keys()
+    assert [k for k in expected if not torch.equal(weights[k], expected[k])] == []
+    assert pipe.vae.config.scaling_factor == reference.vae.config.scaling_factor
+
+
+@contextlib.contextmanager
+def interrupted_after(step, monkeypatch):
+    """A KeyboardInterrupt (Ctrl-C) just after the tiny pretraining's progress file for UNet step `step`
+    is written."""
+    save = ddpo.save_progress
+
+    def save_then_interrupt(path, state):
+        save(path, state)
+        if state["step"] == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ddpo, "save_progress", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        yield
+    monkeypatch.setattr(ddpo, "save_progress", save)
+
+
+def test_an_interrupted_tiny_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Stopped after UNet step 4 of 6 and started again (from other random initial weights and another
+    global RNG state, as in a new process), the build ends with the same weights, bit for bit, as one never
+    interrupted; so does one stopped twice. A progress file of another recipe, or an unreadable one, is
+    ignored with a message, and the build starts from the beginning."""
+    quiet = dict(**TINY_RECIPE, log=lambda line: None, save_every=2)
+    whole = ddpo.pretrain_tiny_pipeline(ddpo.build_tiny_pipeline(3), **quiet)
+    progress = tmp_path / "progress.pt"
+    with interrupted_after(4, monkeypatch):
+        ddpo.pretrain_tiny_pipeline(ddpo.build_tiny_pipeline(3), progress=progress, **quiet)
+    assert [p.name for p in tmp_path.iterdir()] == ["progress.pt"]  # no temporary file left behind
+    assert torch.load(progress, weights_only=True)["step"] == 4
+    lines = []
+    torch.manual_seed(123)
+    resumed = ddpo.pretrain_tiny_pipeline(ddpo.build_tiny_pipeline(4), progress=progress,
+                                          **{**quiet, "log": lines.append})
+    assert any("resuming the tiny pipeline's pretraining at UNet step 4/6" in line for line in lines)
+    assert not any("tiny VAE" in line for line in lines)  # the trained VAE came from the progress file
+    assert_same_weights(resumed, whole)
+
+    progress.unlink()
+    for step in (2, 4):
+        with interrupted_after(step, monkeypatch):
+            ddpo.pretrain_tiny_pipeline(ddpo.build_tiny_pipeline(3), progress=progress, **quiet)
+    assert_same_weights(ddpo.pretrain_tiny_pipeline(ddpo.build_tiny_pipeline(3), progress=progress, **quiet), whole)
+
+    for damage, message in ((lambda: None, "saved by another recipe"),
+                            (lambda: progress.write_bytes(b"not a torch file"), "ignoring the unreadable")):
+        damage()
+        lines = []
+        ddpo.pretrain_tiny_pipeline(ddpo.build_tiny_pipeline(3), progress=progress,
+                                    **{**quiet, "unet_steps": 3, "log": lines.append})
+        assert any(message in line for line in lines), lines
+        assert any("tiny VAE" in line for line in lines) and not any("resuming" in line for line in lines)
+
+
+def test_tiny_pretrained_path_resumes_an_interrupted_build_and_then_removes_its_progress(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPO_CACHE", str(tmp_path))
+    pretrain = ddpo.pretrain_tiny_pipeline
+    monkeypatch.setattr(ddpo, "pretrain_tiny_pipeline", lambda pipe, seed, progress, log: pretrain(
+        pipe, progress=progress, log=log, save_every=2, **{**TINY_RECIPE, "seed": seed}))
+    cache, progress = tmp_path / f"{ddpo.TINY_VERSION}-seed3", tmp_path / f"{ddpo.TINY_VERSION}-seed3.progress.pt"
+    lines = []
+    with interrupted_after(4, monkeypatch):
+        ddpo.tiny_pretrained_path(seed=3, log=lines.append)
+    assert "if it is interrupted, the next build resumes" in lines[0]
+    assert progress.exists() and not cache.exists()
+    assert ddpo.tiny_pretrained_path(seed=3, log=lines.append) == str(cache)
+    assert (cache / "model_index.json").exists() and not progress.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [cache.name]
+    from diffusers import StableDiffusionPipeline
+
+    whole = pretrain(ddpo.build_tiny_pipeline(3), log=lambda line: None, **TINY_RECIPE)
+    assert_same_weights(StableDiffusionPipeline.from_pretrained(cache, safety_checker=None), whole)
+
+
 def test_an_unreachable_hub_fails_at_once_instead_of_retrying(monkeypatch, capfd):
     """Offline, a hub id that is not in the local cache fails at once with the reason: no minute of
     download retries (the DNS lookup is replaced here, so the test means the same on any network)."""
