@@ -1089,8 +1089,10 @@ class Run:
         self.saved_epoch, self.epoch, self.in_training, self.epoch_start_rngs = self.start_epoch, None, False, None
         self.warned_ratio = False
         self.log(f"ddpo: {args.model} | reward {args.reward} | {args.sample_batch_size * args.sample_num_batches} "
-                 f"samples/epoch x {self.world} process(es) | {args.num_epochs} epochs | LoRA rank {args.lora_rank} | "
-                 f"{device} {args.mixed_precision}{' exact-ratio' if self.exact_ratio else ''}"
+                 f"samples/epoch x {self.world} process(es) | {args.num_epochs} epochs | "
+                 f"{f'LoRA rank {args.lora_rank}' if args.lora_rank else 'full fine-tuning'} | {device} "
+                 f"{'fp32' if args.mixed_precision == 'no' else args.mixed_precision}"
+                 f"{' exact-ratio' if self.exact_ratio else ''}"
                  f"{' cuda-graphs' if self.cuda_graphs else ''} | {self.run_dir}")
 
     # --- models ---
