@@ -2246,10 +2246,10 @@ def pretrain_tiny_pipeline(pipe, seed=0, vae_steps=300, unet_steps=3000, batch_s
         opt.step()
         sched.step()
         if progress and (step + 1) % save_every == 0 and step + 1 < unet_steps:
-            save_progress(progress, dict(
+            torch_save_atomically(dict(
                 recipe=recipe, step=step + 1, rng=g.get_state(), pool_rng=pool_rng, vae=vae.state_dict(),
                 unet=unet.state_dict(), text_encoder=text_encoder.state_dict(), opt=opt.state_dict(),
-                sched=sched.state_dict()))
+                sched=sched.state_dict()), progress)
         if step % 250 == 0 or step == unet_steps - 1:
             left = (time.time() - t_unet) / (step + 1 - start) * (unet_steps - step - 1)
             log(f"  tiny UNet  step {step:4d}/{unet_steps}  v-prediction mse {loss.item():.4f}  {time.time() - t0:.0f}s"
@@ -2259,11 +2259,11 @@ def pretrain_tiny_pipeline(pipe, seed=0, vae_steps=300, unet_steps=3000, batch_s
     return pipe
 
 
-def save_progress(path, state):
-    """torch.save, atomically: a build killed mid-write leaves the previous progress file whole."""
+def torch_save_atomically(obj, path):
+    """torch.save to a temporary file, then rename: a process killed mid-write leaves the previous file whole."""
     tmp = Path(f"{path}.tmp{os.getpid()}")
     try:
-        torch.save(state, tmp)
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -2390,9 +2390,7 @@ def tiny_classifier(seed=0, log=print) -> ShapeClassifier:
     with torch.random.fork_rng():
         model = train_shape_classifier(seed, log=log)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    torch_save_atomically(model.state_dict(), path)
     return model
 
 

@@ -1346,17 +1346,17 @@ def assert_same_weights(pipe, reference):
 def interrupted_after(step, monkeypatch):
     """A KeyboardInterrupt (Ctrl-C) just after the tiny pretraining's progress file for UNet step `step`
     is written."""
-    save = ddpo.save_progress
+    save = ddpo.torch_save_atomically
 
-    def save_then_interrupt(path, state):
-        save(path, state)
+    def save_then_interrupt(state, path):
+        save(state, path)
         if state["step"] == step:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(ddpo, "save_progress", save_then_interrupt)
+    monkeypatch.setattr(ddpo, "torch_save_atomically", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         yield
-    monkeypatch.setattr(ddpo, "save_progress", save)
+    monkeypatch.setattr(ddpo, "torch_save_atomically", save)
 
 
 def test_an_interrupted_tiny_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch):
