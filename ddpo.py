@@ -720,7 +720,7 @@ class Args:
 
 PRESETS = {
     # CPU, offline: the tiny pipeline pretrained in code. Minutes on 2 cores. Full fine-tuning of its
-    # 1.0M-parameter UNet and no CFG: measured (README) to learn faster per CPU second than LoRA or CFG.
+    # 0.37M-parameter UNet and no CFG: measured (README) to learn faster per CPU second than LoRA or CFG.
     # clip_range 1e-3: log p is a mean over 12*16*16 = 3072 latent elements instead of SD's 16384, so
     # the ratio is noisier than SD's (sqrt(16384/3072) = 2.3x) and a few CPU minutes need larger steps.
     "tiny": dict(model="tiny", prompts="tiny_shapes", reward="jpeg_compressibility", mixed_precision="no",
@@ -2033,10 +2033,10 @@ def sample_main(argv):
 # The tiny offline test bed: a small SD-shaped model (UNet2DConditionModel, AutoencoderKL, CLIP text
 # encoder, byte-level CLIP tokenizer) built from configs. Random weights are a poor RL test bed (any
 # update saturates the images), so --model tiny pretrains it in code on synthetic captioned images of
-# coloured shapes, about 8 minutes on 2 CPU cores, once; the result is cached (DDPO_CACHE, default
+# coloured shapes, about 5 minutes on 2 CPU cores, once; the result is cached (DDPO_CACHE, default
 # ~/.cache/ddpo) as an ordinary diffusers pipeline directory.
 # ------------------------------------------------------------------------------------------------------
-TINY_VERSION = "tiny-v8"  # bump when the tiny model or its pretraining changes, so caches are rebuilt
+TINY_VERSION = "tiny-v9"  # bump when the tiny model or its pretraining changes, so caches are rebuilt
 COLORS = {"red": (0.9, 0.15, 0.1), "green": (0.1, 0.75, 0.2), "blue": (0.15, 0.25, 0.9),
           "yellow": (0.95, 0.85, 0.1), "purple": (0.6, 0.2, 0.7), "orange": (1.0, 0.55, 0.1),
           "white": (0.95, 0.95, 0.95), "black": (0.08, 0.08, 0.08), "grey": (0.5, 0.5, 0.5)}
@@ -2089,8 +2089,9 @@ def bpe_merges(words):
 def build_tiny_pipeline(seed=0):
     """The tiny StableDiffusionPipeline with random weights from `seed`: 32x32 images, a VAE with 2x
     downsampling and 12 latent channels (latents 12x16x16: as many numbers as pixels, so its decoder can
-    draw both flat colour and per-pixel texture, the two ends of JPEG size), a 1.0M-parameter UNet with
-    cross-attention at 8x8 and the prompt's pooled embedding added to the timestep's (diffusers'
+    draw both flat colour and per-pixel texture, the two ends of JPEG size), a 0.37M-parameter UNet (32
+    channels at 16x16 and at 8x8: version 8's 64 at 8x8 drew the shapes a little more often, at 1.4x the
+    build time; README, "Version 9") with cross-attention at 8x8 and the prompt's pooled embedding added to the timestep's (diffusers'
     addition_embed_type "text": every block sees the prompt), a 2-layer CLIP text encoder over a tokenizer
     that makes each word of the tiny world one token (with characters, background colours stayed near
     chance: README, "The tiny world"), and a DDIM
@@ -2109,10 +2110,10 @@ def build_tiny_pipeline(seed=0):
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=12, block_out_channels=(16, 32),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         layers_per_block=1, norm_num_groups=8, sample_size=32)
-    unet = UNet2DConditionModel(sample_size=16, in_channels=12, out_channels=12, block_out_channels=(32, 64),
+    unet = UNet2DConditionModel(sample_size=16, in_channels=12, out_channels=12, block_out_channels=(32, 32),
                                 layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=2,  # diffusers reads it as the number of heads: 2 of 32
+                                attention_head_dim=2,  # diffusers reads it as the number of heads: 2 of 16
                                 norm_num_groups=8, addition_embed_type="text",
                                 addition_embed_type_num_heads=4)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -2178,9 +2179,9 @@ def pretrain_tiny_pipeline(pipe, seed=0, vae_steps=300, unet_steps=3000, batch_s
     v-prediction denoiser on the VAE latents of synthetic captioned images, together with the text encoder
     (10% of captions dropped for classifier-free guidance). The UNet's timesteps are drawn with density
     proportional to t, so more of its steps fall at high noise, where the prompt decides which shape is drawn
-    (README, "The tiny world": version 8, 3000 steps of 16, draws the shapes 67-84% of the time across four
-    builds; version 7, whose squares were smaller than its circles, 43-61% after 2500 steps; uniform
-    timesteps, 33-41% after 2000).
+    (README, "The tiny world": version 9, 3000 steps of 16, draws the shapes 68-82% of the time across three
+    builds; version 8, with a wider UNet, 67-84% across four; version 7, whose squares were smaller than its
+    circles, 43-61% after 2500 steps; uniform timesteps, 33-41% after 2000).
 
     progress: a file for the UNet phase's state (every `save_every` steps, written atomically). A build that
     finds one of the same recipe resumes from it, and ends with the same weights, bit for bit, as a build
@@ -2296,7 +2297,7 @@ def tiny_pretrained_path(seed=0, log=print) -> str:
     if not (cache / "model_index.json").exists():
         progress = cache.with_name(f"{cache.name}.progress.pt")
         cache.parent.mkdir(parents=True, exist_ok=True)
-        log(f"pretraining the tiny pipeline once (about 8 minutes on 2 CPU cores; cached in {cache}; if it is "
+        log(f"pretraining the tiny pipeline once (about 5 minutes on 2 CPU cores; cached in {cache}; if it is "
             f"interrupted, the next build resumes from {progress.name}, saved every 250 UNet steps) ...")
         with torch.random.fork_rng():
             pipe = pretrain_tiny_pipeline(build_tiny_pipeline(seed), seed=seed, progress=progress, log=log)
