@@ -2090,9 +2090,9 @@ def build_tiny_pipeline(seed=0):
     """The tiny StableDiffusionPipeline with random weights from `seed`: 32x32 images, a VAE with 2x
     downsampling and 12 latent channels (latents 12x16x16: as many numbers as pixels, so its decoder can
     draw both flat colour and per-pixel texture, the two ends of JPEG size), a 0.37M-parameter UNet (32
-    channels at 16x16 and at 8x8: version 8's 64 at 8x8 drew the shapes a little more often, at 1.4x the
-    build time; README, "Version 9") with cross-attention at 8x8 and the prompt's pooled embedding added to the timestep's (diffusers'
-    addition_embed_type "text": every block sees the prompt), a 2-layer CLIP text encoder over a tokenizer
+    channels at 16x16 and at 8x8: version 8's 64 at 8x8 took 1.7x the build time to draw the shapes about
+    as often; README, "Version 9") with cross-attention at 8x8 and the prompt's pooled embedding added to
+    the timestep's (diffusers' addition_embed_type "text": every block sees the prompt), a 2-layer CLIP text encoder over a tokenizer
     that makes each word of the tiny world one token (with characters, background colours stayed near
     chance: README, "The tiny world"), and a DDIM
     scheduler with Stable Diffusion's noise schedule and v-prediction (SD 2's): its target holds the clean
