@@ -2092,11 +2092,11 @@ def build_tiny_pipeline(seed=0):
     draw both flat colour and per-pixel texture, the two ends of JPEG size), a 0.37M-parameter UNet (32
     channels at 16x16 and at 8x8: version 8's 64 at 8x8 took 1.7x the build time to draw the shapes about
     as often; README, "Version 9") with cross-attention at 8x8 and the prompt's pooled embedding added to
-    the timestep's (diffusers' addition_embed_type "text": every block sees the prompt), a 2-layer CLIP text encoder over a tokenizer
-    that makes each word of the tiny world one token (with characters, background colours stayed near
-    chance: README, "The tiny world"), and a DDIM
-    scheduler with Stable Diffusion's noise schedule and v-prediction (SD 2's): its target holds the clean
-    image at high noise, where the prompt decides what is drawn (README, "The tiny world")."""
+    the timestep's (diffusers' addition_embed_type "text": every block sees the prompt), a 2-layer CLIP text
+    encoder over a tokenizer that makes each word of the tiny world one token (with characters, background
+    colours stayed near chance: README, "The tiny world"), and a DDIM scheduler with Stable Diffusion's noise
+    schedule and v-prediction (SD 2's): its target holds the clean image at high noise, where the prompt
+    decides what is drawn (README, "The tiny world")."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
