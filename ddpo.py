@@ -2037,6 +2037,7 @@ def sample_main(argv):
 # ~/.cache/ddpo) as an ordinary diffusers pipeline directory.
 # ------------------------------------------------------------------------------------------------------
 TINY_VERSION = "tiny-v9"  # bump when the tiny model or its pretraining changes, so caches are rebuilt
+TINY_SAVE_EVERY = 250  # UNet steps between the tiny build's progress saves (about 20 s of work)
 COLORS = {"red": (0.9, 0.15, 0.1), "green": (0.1, 0.75, 0.2), "blue": (0.15, 0.25, 0.9),
           "yellow": (0.95, 0.85, 0.1), "purple": (0.6, 0.2, 0.7), "orange": (1.0, 0.55, 0.1),
           "white": (0.95, 0.95, 0.95), "black": (0.08, 0.08, 0.08), "grey": (0.5, 0.5, 0.5)}
@@ -2172,7 +2173,7 @@ def synthetic_shapes(n, generator, size=32):
 
 
 def pretrain_tiny_pipeline(pipe, seed=0, vae_steps=300, unet_steps=3000, batch_size=16, pool_size=8192,
-                           progress=None, save_every=250, log=print):
+                           progress=None, save_every=TINY_SAVE_EVERY, log=print):
     """Make the random tiny pipeline a real (if small) text-to-image model: train the VAE as an autoencoder
     whose latents stay close to the pixels themselves (pixel_unshuffle: 2x2 patches as 12 channels, so the
     decoder is nearly a reshuffle and draws clean colour from the UNet's latents), then the UNet as a
@@ -2298,7 +2299,7 @@ def tiny_pretrained_path(seed=0, log=print) -> str:
         progress = cache.with_name(f"{cache.name}.progress.pt")
         cache.parent.mkdir(parents=True, exist_ok=True)
         log(f"pretraining the tiny pipeline once (about 5 minutes on 2 CPU cores; cached in {cache}; if it is "
-            f"interrupted, the next build resumes from {progress.name}, saved every 250 UNet steps) ...")
+            f"interrupted, the next build resumes from {progress.name}, saved every {TINY_SAVE_EVERY} UNet steps) ...")
         with torch.random.fork_rng():
             pipe = pretrain_tiny_pipeline(build_tiny_pipeline(seed), seed=seed, progress=progress, log=log)
         tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
