@@ -2582,12 +2582,10 @@ def test_reward_worker_sets_one_thread_only_when_asked(monkeypatch):
             assert seen == [1]  # and the reward ran under it
 
 
-@slow
-def test_compile_does_not_recompile_after_the_first_epoch(tmp_path, monkeypatch):
-    """--compile: every graph the run needs (sampling in eval mode without autograd, training micro-batches
-    with it) is compiled in the first epoch; the second compiles nothing. Dynamo's guards and recompiles do
-    not depend on the device or the backend, so this counts them with the 'eager' backend (tracing only,
-    no code generation) on the CPU."""
+def compiled_graphs_per_epoch(argv, monkeypatch):
+    """Run ddpo.main(argv) with --compile's torch.compile on the 'eager' backend (dynamo's tracing, guards and
+    recompiles, no code generation) and return (unique graphs, compilations) as counted at the end of each
+    epoch. Fails if any compilation hit dynamo's recompile limit and fell back to eager."""
     import torch._dynamo
 
     real_compile = torch.compile
@@ -2603,9 +2601,46 @@ def test_compile_does_not_recompile_after_the_first_epoch(tmp_path, monkeypatch)
         return real_end_epoch(self, epoch, *args)
 
     monkeypatch.setattr(ddpo.Run, "end_epoch", end_epoch)
-    ddpo.main([*TINY_QUICK, "--num-epochs", "2", "--compile", "--run-dir", str(tmp_path)])
+    try:
+        ddpo.main(argv)
+        # every compilation succeeded: none hit dynamo's recompile limit and fell back to eager
+        assert counters["frames"]["ok"] == counters["frames"]["total"], dict(counters["unimplemented"])
+    finally:
+        torch._dynamo.reset()
+    return compiled
+
+
+@slow
+def test_compile_does_not_recompile_after_the_first_epoch(tmp_path, monkeypatch):
+    """--compile: every graph the run needs (sampling in eval mode without autograd, training micro-batches
+    with it) is compiled in the first epoch; the second compiles nothing. Dynamo's guards and recompiles do
+    not depend on the device or the backend, so this counts them with the 'eager' backend (tracing only,
+    no code generation) on the CPU."""
+    compiled = compiled_graphs_per_epoch([*TINY_QUICK, "--num-epochs", "2", "--compile", "--run-dir", str(tmp_path)],
+                                         monkeypatch)
     assert compiled[0][0] >= 2  # at least one graph for sampling and one for training
     assert compiled[1] == compiled[0], compiled  # nothing new in epoch 1
-    # every compilation succeeded: none hit dynamo's recompile limit and fell back to eager
-    assert counters["frames"]["ok"] == counters["frames"]["total"], dict(counters["unimplemented"])
-    torch._dynamo.reset()
+
+
+@slow
+def test_compile_with_the_lora_toggle_kl_ema_and_evaluation_recompiles_nothing_and_changes_nothing(tmp_path,
+                                                                                                   monkeypatch):
+    """--compile with LoRA, guidance, --kl-coef (the reference is the same UNet with its adapters switched off,
+    a Python toggle that also flips the adapters' requires_grad), --ema-decay (weights swapped in for
+    evaluation) and --eval-every 1: the graphs of all of these are compiled in the first epoch, nothing after,
+    and the compiled run's metrics are bitwise those of the eager run, KL to the reference included (a graph
+    that missed the toggle would give the policy's own prediction as the reference's: kl_ref 0)."""
+    argv = [*TINY_QUICK, *LORA_CFG, "--num-epochs", "3", "--kl-coef", "0.1", "--ema-decay", "0.9", "--eval-every", "1"]
+    compiled = compiled_graphs_per_epoch([*argv, "--compile", "--run-dir", str(tmp_path / "compiled")], monkeypatch)
+    assert compiled[0][0] >= 3  # sampling, training, and the reference's forward with the adapters off
+    assert compiled[2] == compiled[1] == compiled[0], compiled
+    ddpo.main([*argv, "--run-dir", str(tmp_path / "eager")])
+    lines = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+             for name in ("compiled", "eager")}
+    assert len(lines["compiled"]) == len(lines["eager"]) > 0
+    for compiled_line, eager_line in zip(lines["compiled"], lines["eager"]):
+        numbers = {k for k in eager_line if not k.startswith("time/") and k != "samples_per_s"}
+        assert {k: compiled_line[k] for k in numbers} == {k: eager_line[k] for k in numbers}
+    epochs, _ = read_metrics(tmp_path / "compiled")
+    assert epochs[0]["train/kl_ref_epoch_mean"] == 0 < epochs[2]["train/kl_ref_epoch_mean"]  # the reference moved apart
+    assert any("eval/alignment" in line for line in lines["compiled"])
