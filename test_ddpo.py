@@ -217,6 +217,37 @@ def test_weighted_denoising_loss_hand_values_and_gradients():
     torch.testing.assert_close(prediction.grad.reshape(2, 2), torch.tensor([[0.25, 0.5], [-1.5, -1.5]]))
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_rwr_loss_is_the_denoising_loss_of_diffusers_forward_process(prediction_type):
+    """RWR's loss against diffusers' own forward process (scheduler.add_noise) and v target
+    (scheduler.get_velocity), the functions the tiny model was pretrained with: each pair's x_0 noised to its
+    own timestep, the UNet called once on those x_t with the pairs' embeddings, and the weighted mean squared
+    error to the right target, in float64. The noise is the generator's first draw of x_0's shape."""
+    from types import SimpleNamespace
+
+    scheduler = sd_scheduler(10, prediction_type)
+    g = torch.Generator().manual_seed(0)
+    x0, embeds = torch.randn(5, 4, 6, 6, generator=g), torch.randn(5, 7, 8, generator=g)
+    t = scheduler.timesteps[torch.tensor([0, 3, 9, 5, 9])]  # per-pair timesteps, one repeated
+    weights = torch.rand(5, generator=g) * 2
+    calls = []
+
+    def unet(x_t, timesteps, encoder_hidden_states):  # a fixed nonlinear function of its inputs
+        calls.append((x_t, timesteps, encoder_hidden_states))
+        return SimpleNamespace(sample=torch.sin(3 * x_t) + timesteps.float().reshape(-1, 1, 1, 1) / 1000)
+
+    loss, _ = ddpo.rwr_micro_batch_loss(unet, scheduler, {"x_0": x0, "t": t, "embeds": embeds, "advantages": weights},
+                                        torch.Generator().manual_seed(7))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
+    x_t = scheduler.add_noise(x0, noise, t)
+    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
+    prediction = torch.sin(3 * x_t.double()) + t.double().reshape(-1, 1, 1, 1) / 1000
+    expected = (weights.double() * ((prediction - target.double()) ** 2).mean(dim=(1, 2, 3))).mean()
+    assert len(calls) == 1 and torch.equal(calls[0][1], t) and torch.equal(calls[0][2], embeds)
+    torch.testing.assert_close(calls[0][0], x_t, rtol=1e-6, atol=1e-6)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_gaussian_kl_equals_float64_formula_and_monte_carlo():
     g = torch.Generator().manual_seed(0)
     mean, mean_ref = torch.randn(3, 2, 4, 5, generator=g), torch.randn(3, 2, 4, 5, generator=g)
