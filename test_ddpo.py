@@ -2011,6 +2011,30 @@ def test_each_method_trains_in_a_run_with_groups_a_window_and_the_kl(method, tmp
     assert (tmp_path / "curves.png").is_file()
 
 
+@slow
+def test_ddpo_is_with_one_step_per_epoch_is_ddpo_sf_bitwise(tmp_path):
+    """DDPO_SF and DDPO_IS differ only in how an epoch's samples are used: at ratio 1 the clipped surrogate's
+    gradient is SF's, so DDPO_IS with all of an epoch's samples in one optimizer step (here 16 samples,
+    train batch 8 x 2 accumulated) is DDPO_SF, through two code paths (ddpo_loss, ddpo_sf_loss) over a whole
+    run: the same rewards in every epoch and the same weights at the end. (Measured on the tiny preset: the
+    same for 40 epochs, README "The paper's four methods in miniature".) DDPO_IS in two steps per epoch,
+    its default here, takes another path."""
+    common = [*TINY_QUICK, "--sample-num-batches", "2", "--num-epochs", "3"]
+    runs = {"sf": ["--method", "ddpo_sf"], "is_one_step": ["--method", "ddpo_is", "--gradient-accumulation-steps", "2"],
+            "is_two_steps": ["--method", "ddpo_is"]}
+    rewards, steps = {}, {}
+    for name, argv in runs.items():
+        ddpo.main([*common, *argv, "--run-dir", str(tmp_path / name)])
+        epochs, steps[name] = read_metrics(tmp_path / name)
+        rewards[name] = [e["reward/mean"] for e in epochs]
+    assert len(steps["sf"]) == len(steps["is_one_step"]) == 3 and len(steps["is_two_steps"]) == 6
+    assert rewards["is_one_step"] == rewards["sf"]
+    final = lambda name: unet_weights(tmp_path / name / "checkpoints" / "epoch_0003")
+    sf, is_one_step = final("sf"), final("is_one_step")
+    assert all(torch.equal(sf[k], is_one_step[k]) for k in sf)
+    assert rewards["is_two_steps"][1:] != rewards["sf"][1:]  # the step count matters: another path
+
+
 # ======================================================================================================
 # 6. Whole runs of the script on the tiny model (slow)
 # ======================================================================================================
