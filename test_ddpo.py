@@ -2690,8 +2690,7 @@ def test_compile_with_the_lora_toggle_kl_ema_and_evaluation_recompiles_nothing_a
     assert compiled[0][0] >= 3  # sampling, training, and the reference's forward with the adapters off
     assert compiled[2] == compiled[1] == compiled[0], compiled
     ddpo.main([*argv, "--run-dir", str(tmp_path / "eager")])
-    lines = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-             for name in ("compiled", "eager")}
+    lines = {name: strict_json_lines(tmp_path / name / "metrics.jsonl") for name in ("compiled", "eager")}
     assert len(lines["compiled"]) == len(lines["eager"]) > 0
     for compiled_line, eager_line in zip(lines["compiled"], lines["eager"]):
         numbers = {k for k in eager_line if not k.startswith("time/") and k != "samples_per_s"}
