@@ -28,6 +28,7 @@ Run it:
     # One GPU: Stable Diffusion v1.4 + LoRA, the paper's compressibility run (sizes are per process)
     python ddpo.py --preset compressibility
     python ddpo.py --preset compressibility --model /path/to/local/sd --resume auto --run-dir runs/c1
+    python ddpo.py --preset compressibility --wandb ddpo --tensorboard   # optional trackers (pip install them)
     python ddpo.py --preset aesthetic --reward aesthetic=1.0,jpeg_compressibility=0.05
     python ddpo.py --preset alignment --reward-device cuda:1      # LLaVA + BERTScore on a second GPU
     # Several GPUs: the same flags; sizes are per process; rank 0 writes
@@ -718,6 +719,11 @@ class Args:
     save_every: int = arg(10, "checkpoint every N epochs (and always at the end)")
     keep_checkpoints: int = arg(3, "keep only the last K >= 1 checkpoints")
     image_every: int = arg(5, "write a PNG grid of samples every N epochs (0 = never)")
+    wandb: str = arg(None, "also log metrics and image grids to Weights & Biases, in this project (optional: "
+                     "pip install wandb; WANDB_MODE=offline works without a network; a resumed run continues "
+                     "the same W&B run)")
+    tensorboard: bool = arg(False, "also write metrics and image grids as TensorBoard events in "
+                            "<run-dir>/tensorboard (optional: pip install tensorboard)")
 
 
 PRESETS = {
@@ -934,12 +940,26 @@ def validate(args: Args):
             fail(f"--resume {args.resume!r} is not a checkpoint directory (no {' or '.join(missing)})")
     if args.run_dir is not None:
         check_run_dir(Path(args.run_dir), fresh=args.resume is None, overwrite=args.overwrite)
+    check_trackers(args)
     prompts = load_prompts(args.prompts) + (load_prompts(args.eval_prompts or HELD_OUT[args.prompts])
                                             if args.eval_every else [])
     if "tiny_alignment" in [name for name, _ in rewards_lib.parse_reward_spec(args.reward)]:
         odd = [p for p in prompts if caption_attributes(p) is None]
         need(not odd, "prompts", args.prompts, f"tiny-world captions for --reward tiny_alignment "
              f"('a red circle on blue'; {odd[0]!r} is not one)" if odd else "")
+
+
+def check_trackers(args):
+    """--wandb and --tensorboard need their (optional) packages: a missing one fails here, not after an epoch."""
+    if args.wandb is not None and not args.wandb.strip():
+        fail(f"--wandb needs a project name (got {args.wandb!r})")
+    for flag, module, package in (("--wandb", "wandb", "wandb"), ("--tensorboard", "torch.utils.tensorboard",
+                                                                    "tensorboard")):
+        if getattr(args, flag[2:]):
+            try:
+                __import__(module)
+            except ImportError as e:
+                fail(f"{flag} needs the {package} package, which does not import ({e}): pip install {package}")
 
 
 def timestep_window(args):
@@ -1031,6 +1051,8 @@ class Run:
             self.log(f"{checkpoint} has trained {state['next_epoch']} epochs already, --num-epochs is "
                      f"{args.num_epochs}: nothing to do (raise --num-epochs to train on)")
             raise SystemExit(0)
+        # --wandb, --tensorboard: before any model loads, so that a W&B login problem fails in seconds.
+        self.trackers = Trackers(args, self.run_dir, state["global_step"] if state else 0, self.is_main)
         self.prompts = load_prompts(args.prompts)
         # Reward models load now, so that a missing one fails before the policy loads.
         self.reward_fn = build_reward(args, device if args.reward_device == "auto" else torch.device(args.reward_device))
@@ -1087,6 +1109,8 @@ class Run:
                 json.dumps({**dataclasses.asdict(args), "world_size": self.world,
                             "resolution_used": self.latent_shape[1] * vae_factor(pipe)}, indent=2))
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl", self.start_epoch, self.is_main, self.log)
+        self.trackers.resume(self.metrics.records)
+        self.metrics.mirror = self.trackers.log  # --wandb, --tensorboard: every record from here on
         self.reward_worker = RewardWorker(self.reward_fn, args.reward, self.monitor, one_thread=device.type == "cpu")
         self.saved_epoch, self.epoch, self.in_training, self.epoch_start_rngs = self.start_epoch, None, False, None
         self.warned_ratio = False
@@ -1178,7 +1202,9 @@ class Run:
                             **{f"eval/{k}": float(np.mean(v)) for k, v in infos.items()
                                if all(isinstance(x, (int, float)) for x in v)}})
         if self.is_main:
-            save_image_grid(self.run_dir / "images" / f"eval_{epoch:04d}.png", images, prompts, rewards.tolist(), infos)
+            path = self.run_dir / "images" / f"eval_{epoch:04d}.png"
+            save_image_grid(path, images, prompts, rewards.tolist(), infos)
+            self.trackers.image("images/eval", path, epoch, self.global_step)
         self.log(f"eval  {epoch:4d} | reward {rewards.mean().item():+.4f} ± {rewards.std(unbiased=False).item():.4f}"
                  f" | {len(prompts)} images of {len(self.eval_prompts)} held-out prompts{' (EMA)' if self.ema else ''}")
         return images, rewards
@@ -1222,9 +1248,10 @@ class Run:
         epoch's image grid, while the samples are at hand."""
         epoch, args = self.epoch, self.args
         if self.is_main and args.image_every and epoch % args.image_every == 0:
-            n = len(batches[0]["prompts"])
-            save_image_grid(self.run_dir / "images" / f"epoch_{epoch:04d}.png", batches[0]["images"],
-                            batches[0]["prompts"], rewards[:n].tolist(), {k: v[:n] for k, v in infos.items()})
+            n, path = len(batches[0]["prompts"]), self.run_dir / "images" / f"epoch_{epoch:04d}.png"
+            save_image_grid(path, batches[0]["images"], batches[0]["prompts"], rewards[:n].tolist(),
+                            {k: v[:n] for k, v in infos.items()})
+            self.trackers.image("images/train", path, epoch, self.global_step)
         self.in_training = True
 
     def log_step(self, epoch, sums):
@@ -1303,8 +1330,10 @@ class Run:
         finished epoch is lost."""
         previous = signal.signal(signal.SIGTERM, raise_interrupt) if threading.current_thread() is \
             threading.main_thread() else None
+        finished = False
         try:
             yield
+            finished = True
         except (RunStopped, KeyboardInterrupt) as e:
             reason = str(e) if isinstance(e, RunStopped) else f"interrupted ({str(e) or 'SIGINT'})"
             if self.epoch is not None and not self.in_training and self.epoch > self.saved_epoch:
@@ -1324,6 +1353,7 @@ class Run:
                 signal.signal(signal.SIGTERM, previous)
             self.reward_worker.close()
             self.metrics.close()
+            self.trackers.close(failed=not finished)
             if distributed():
                 torch.distributed.destroy_process_group()
 
@@ -1340,8 +1370,9 @@ def raise_interrupt(signum, frame):
 
 
 def clear_run_dir(run_dir):
-    """--overwrite: delete what a previous run left in run_dir (its config, metrics, images, checkpoints)."""
-    for name in ("metrics.jsonl", "config.json", "checkpoints", "images"):
+    """--overwrite: delete what a previous run left in run_dir (its config, metrics, images, checkpoints and
+    tracker files: a new W&B run, TensorBoard events from step 1)."""
+    for name in ("metrics.jsonl", "config.json", "checkpoints", "images", "tensorboard", "wandb", "wandb_id"):
         path = run_dir / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
@@ -1618,7 +1649,7 @@ class MetricsFile:
     killed mid-write) with a note. Values must be finite: the file stays valid JSON."""
 
     def __init__(self, path, start_epoch, is_main, log):
-        self.file, self.records = None, []  # records: every line kept or written, for curves.png
+        self.file, self.records, self.mirror = None, [], None  # records: every line kept or written, for curves.png
         if not is_main:
             return
         if path.exists():
@@ -1640,11 +1671,82 @@ class MetricsFile:
             self.file.write(json.dumps(record, allow_nan=False) + "\n")
             self.file.flush()
             self.records.append(record)
+            if self.mirror:
+                self.mirror(record)  # --wandb, --tensorboard
 
     def close(self):
         if self.file:
             self.file.close()
             self.file = None
+
+
+class Trackers:
+    """--wandb PROJECT and --tensorboard (rank 0): every metrics.jsonl record and image grid, mirrored. Both
+    packages are optional, imported only when asked for (check_trackers() tries them before anything loads).
+    W&B gets each record as one row, with the optimizer step ("step") as every chart's x-axis; a resumed run
+    continues the same W&B run (its id is kept in <run-dir>/wandb_id), and the steps it redoes are logged again,
+    with the same values (a resume is bitwise exact; only time/* differs). TensorBoard gets each value at its
+    step (not "epoch": an evaluation shares its step with the epoch before it); on resume it drops its events
+    from the resumed step on (purge_step) and takes that step's kept records again: each step once."""
+
+    def __init__(self, args, run_dir, start_step, is_main):
+        self.wandb = self.tensorboard = None
+        self.start_step = start_step
+        if is_main and (args.wandb or args.tensorboard):
+            run_dir.mkdir(parents=True, exist_ok=True)
+        if is_main and args.wandb:
+            import wandb
+
+            id_file = run_dir / "wandb_id"
+            resumed = {"id": id_file.read_text().strip(), "resume": "allow"} if id_file.exists() else {}
+            try:
+                self.wandb = wandb.init(project=args.wandb, name=run_dir.name, dir=str(run_dir),
+                                        config=dataclasses.asdict(args), **resumed)
+            except Exception as e:  # not logged in, no network, a bad project name
+                fail(f"--wandb {args.wandb!r}: wandb.init failed: {type(e).__name__}: {e}".replace("\n", " "))
+            id_file.write_text(self.wandb.id + "\n")
+            self.wandb.define_metric("step")
+            self.wandb.define_metric("*", step_metric="step")
+            self.wandb_image = wandb.Image
+        if is_main and args.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
+
+    def resume(self, kept_records):
+        """TensorBoard dropped its events from the resumed step on, and the records of that step that
+        metrics.jsonl keeps (the last epoch's) go back in; the resumed epoch's evaluation shares the step."""
+        for record in kept_records:
+            if self.tensorboard and self.start_step and record["step"] == self.start_step:
+                self.tensorboard_scalars(record)
+
+    def log(self, record):
+        if self.wandb:
+            self.wandb.log({k: v for k, v in record.items() if v is not None})
+        if self.tensorboard:
+            self.tensorboard_scalars(record)
+
+    def tensorboard_scalars(self, record):
+        for key, value in record.items():
+            if key not in ("step", "epoch") and value is not None:
+                self.tensorboard.add_scalar(key, value, record["step"])
+
+    def image(self, tag, path, epoch, step):
+        """A PNG written by save_image_grid, under `tag` (images/train, images/eval)."""
+        if self.wandb:
+            self.wandb.log({tag: self.wandb_image(str(path)), "epoch": epoch, "step": step})
+        if self.tensorboard:
+            from PIL import Image
+
+            with Image.open(path) as image:
+                self.tensorboard.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+
+    def close(self, failed=False):
+        if self.wandb:
+            self.wandb.finish(exit_code=1 if failed else 0)
+        if self.tensorboard:
+            self.tensorboard.close()
+        self.wandb = self.tensorboard = None
 
 
 def save_image_grid(path, images, prompts, scores, info=None, max_images=16, cols=4):

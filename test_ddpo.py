@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import errno
 import functools
+import importlib.machinery
 import io
 import json
 import math
@@ -22,11 +23,14 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import warnings
 
 # Before triton is imported: run the Triton kernels of kernels.py on CPU tensors through the interpreter.
 # Runs that pass --fused-kernel on then train through them on the CPU too (auto means: on GPUs only).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1123,6 +1127,7 @@ def user_rewards(tmp_path, monkeypatch):
     (["--cuda-graphs", "on"], "--cuda-graphs on needs a CUDA device (--device auto, and CUDA is not available)"),
     (["--cuda-graphs", "yes"], "--cuda-graphs must be auto or on or off (got 'yes')"),
     (["--eval-every", "-1"], "--eval-every must be >= 0 (got -1)"),
+    (["--wandb", " "], "--wandb needs a project name"),
     (["--eval-every", "5", "--prompts", "LATIN1"], "--eval-every needs --eval-prompts with --prompts"),
     (["--eval-every", "5", "--eval-prompts", "no_such_set"], "--prompts 'no_such_set' is neither a built-in set"),
     (["--reward", "tiny_alignment", "--prompts", "simple_animals"],
@@ -2509,6 +2514,143 @@ def test_overwrite_replaces_a_run_and_resume_auto_continues_only_the_new_one(tmp
     ddpo.main([*TINY_QUICK, "--num-epochs", "2", "--seed", "7", "--run-dir", run, "--resume", "auto"])
     epochs = [r["epoch"] for r in strict_json_lines(tmp_path / "run" / "metrics.jsonl") if "reward/mean" in r]
     assert epochs == [0, 1] and json.loads((tmp_path / "run" / "config.json").read_text())["seed"] == 7
+
+
+class FakeWandb(types.ModuleType):
+    """Stands in for the wandb package (not a dependency, and W&B needs an account): what ddpo.py calls of it,
+    recorded. wandb.init(**kwargs) -> a run with .id, .log(row), .define_metric(name, step_metric=None),
+    .finish(exit_code); wandb.Image(path) -> ("image", the file's bytes when logged)."""
+
+    class Run:
+        def __init__(self, number, **kwargs):
+            self.kwargs, self.rows, self.metrics, self.exit_code = kwargs, [], [], None
+            self.id = kwargs.get("id") or f"run{number}"
+
+        def log(self, row):
+            self.rows.append(dict(row))
+
+        def define_metric(self, name, step_metric=None):
+            self.metrics.append((name, step_metric))
+
+        def finish(self, exit_code=0):
+            self.exit_code = exit_code
+
+    def __init__(self, error=None):
+        super().__init__("wandb")
+        self.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # libraries probing for wandb read it
+        self.runs, self.error = [], error  # error: what init raises, as wandb does when it cannot log in
+
+    def init(self, **kwargs):
+        if self.error:
+            raise self.error
+        self.runs.append(self.Run(len(self.runs), **kwargs))
+        return self.runs[-1]
+
+    @staticmethod
+    def Image(path):
+        return ("image", Path(path).read_bytes())
+
+
+def tensorboard_events(log_dir):
+    """{tag: [(step, value)]} of the scalars and {tag: [(step, pixels)]} of the images in a TensorBoard
+    directory, as TensorBoard itself reads them (purges applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    images = {tag: [(e.step, np.asarray(Image.open(io.BytesIO(e.encoded_image_string)).convert("RGB")))
+                    for e in events.Images(tag)] for tag in events.Tags()["images"]}
+    return scalars, images
+
+
+def test_trackers_without_their_packages_fail_before_models_load(tmp_path, monkeypatch):
+    monkeypatch.setattr(ddpo, "load_pipeline", lambda *a, **k: pytest.fail("models loaded"))
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now fails, as when it is not installed
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    for flags, message in [(["--wandb", "proj"], "--wandb needs the wandb package, which does not import"),
+                           (["--tensorboard"], "--tensorboard needs the tensorboard package, which does not import")]:
+        with pytest.raises(SystemExit) as exit_info:
+            ddpo.main(["--preset", "tiny", *flags, "--run-dir", str(tmp_path / "run")])
+        text = str(exit_info.value.code)
+        assert text.startswith("ddpo.py: error: ") and message in text and "pip install" in text, text
+        assert "\n" not in text
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_wandb_login_failure_stops_the_run_in_one_line_before_models_load(tmp_path, monkeypatch):
+    monkeypatch.setattr(ddpo, "load_pipeline", lambda *a, **k: pytest.fail("models loaded"))
+    monkeypatch.setitem(sys.modules, "wandb", FakeWandb(error=RuntimeError("api_key not configured (no-tty).\n"
+                                                                           "call wandb.login(key=[your_api_key])")))
+    with pytest.raises(SystemExit) as exit_info:
+        ddpo.main(["--preset", "tiny", "--wandb", "proj", "--run-dir", str(tmp_path / "run")])
+    assert str(exit_info.value.code) == ("ddpo.py: error: --wandb 'proj': wandb.init failed: RuntimeError: api_key "
+                                         "not configured (no-tty). call wandb.login(key=[your_api_key])")
+
+
+@slow
+def test_wandb_and_tensorboard_mirror_the_metrics_through_a_crash_resume_and_overwrite(tmp_path, monkeypatch):
+    """--wandb (its API stood in for by FakeWandb) and --tensorboard (the real package, its event files read
+    back): 3 epochs; a crash that loses the last checkpoint after epoch 2 was logged; --resume auto to 4 epochs
+    (epoch 2 redone); then --overwrite. W&B: one run id across the crash, each metrics.jsonl record one row,
+    the grids as images, exit code 0. TensorBoard: exactly metrics.jsonl's values at their steps, each step
+    once (the redone steps' first events purged), the grids' pixels. --overwrite: a new W&B run, new events."""
+    wandb = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    run = tmp_path / "run"
+    flags = [*TINY_QUICK, "--save-every", "2", "--image-every", "1", "--eval-every", "1", "--wandb", "proj",
+             "--tensorboard", "--run-dir", str(run)]
+    ddpo.main([*flags, "--num-epochs", "3"])
+    first = strict_json_lines(run / "metrics.jsonl")
+    shutil.rmtree(run / "checkpoints" / "epoch_0003")  # killed after epoch 2's metrics, before its checkpoint
+    ddpo.main([*flags, "--num-epochs", "4", "--resume", "auto"])
+    final = strict_json_lines(run / "metrics.jsonl")
+    assert [r["step"] for r in final if "reward/mean" in r] == [1, 2, 3, 4]  # one optimizer step per epoch
+
+    a, b = wandb.runs
+    assert a.kwargs["project"] == b.kwargs["project"] == "proj" and "id" not in a.kwargs
+    assert (b.kwargs["id"], b.kwargs["resume"]) == (a.id, "allow") and (run / "wandb_id").read_text() == a.id + "\n"
+    assert (a.kwargs["config"]["num_epochs"], b.kwargs["config"]["num_epochs"]) == (3, 4)
+    assert a.metrics == b.metrics == [("step", None), ("*", "step")]  # every chart against the optimizer step
+    assert a.exit_code == b.exit_code == 0
+    values = lambda records: [{k: v for k, v in r.items() if v is not None} for r in records]
+    rows = lambda w: [r for r in w.rows if not any(k.startswith("images/") for k in r)]
+    assert rows(a) == values(first) and rows(b) == values([r for r in final if r["epoch"] >= 2])
+    grids = lambda w: [(k, r["epoch"], r["step"]) for r in w.rows for k in r if k.startswith("images/")]
+    assert grids(a) == [("images/eval", 0, 0), ("images/train", 0, 0), ("images/eval", 1, 1), ("images/train", 1, 1),
+                        ("images/eval", 2, 2), ("images/train", 2, 2), ("images/eval", 3, 3)]
+    assert grids(b) == [("images/eval", 2, 2), ("images/train", 2, 2), ("images/eval", 3, 3), ("images/train", 3, 3),
+                        ("images/eval", 4, 4)]
+    assert b.rows[-1]["images/eval"] == ("image", (run / "images" / "eval_0004.png").read_bytes())
+
+    scalars, images = tensorboard_events(run / "tensorboard")
+    expected = {}
+    for r in final:
+        for k, v in r.items():
+            if k not in ("step", "epoch") and v is not None:
+                expected.setdefault(k, []).append((r["step"], float(np.float32(v))))  # TensorBoard keeps float32
+    assert scalars == expected  # time/* differ between the first epoch 2 and the redone one: the purge is needed
+    assert [step for step, _ in images["images/eval"]] == [0, 1, 2, 3, 4]
+    assert [step for step, _ in images["images/train"]] == [0, 1, 2, 3]
+    for tag, name in (("images/eval", "eval_0004"), ("images/train", "epoch_0003")):
+        assert np.array_equal(images[tag][-1][1], np.asarray(Image.open(run / "images" / f"{name}.png").convert("RGB")))
+
+    ddpo.main([*flags, "--num-epochs", "1", "--overwrite"])
+    assert "id" not in wandb.runs[2].kwargs and (run / "wandb_id").read_text() == "run2\n"
+    scalars, _ = tensorboard_events(run / "tensorboard")
+    epoch_0 = [r for r in strict_json_lines(run / "metrics.jsonl") if "reward/mean" in r]
+    assert scalars["reward/mean"] == [(1, float(np.float32(epoch_0[0]["reward/mean"])))] and len(epoch_0) == 1
+
+
+@slow
+def test_a_stopped_run_finishes_its_wandb_run_as_failed(user_rewards, tmp_path, monkeypatch):
+    wandb = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    with pytest.raises(SystemExit, match="stopped at epoch 1"):
+        ddpo.main([*TINY_QUICK, "--sample-num-batches", "2", "--reward", "user_rewards:fails_in_epoch_1",
+                   "--num-epochs", "3", "--wandb", "proj", "--run-dir", str(tmp_path)])
+    assert [w.exit_code for w in wandb.runs] == [1]
+    assert [r["epoch"] for r in wandb.runs[0].rows if "reward/mean" in r] == [0]
 
 
 @slow
