@@ -1711,7 +1711,8 @@ class Trackers:
         if is_main and args.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None,
+                                             flush_secs=10)  # written within 10 s (the default waits 2 minutes)
 
     def resume(self, kept_records):
         """TensorBoard dropped its events from the resumed step on, and the records of that step that
