@@ -1051,8 +1051,7 @@ class Run:
             self.log(f"{checkpoint} has trained {state['next_epoch']} epochs already, --num-epochs is "
                      f"{args.num_epochs}: nothing to do (raise --num-epochs to train on)")
             raise SystemExit(0)
-        # --wandb, --tensorboard: before any model loads, so that a W&B login problem fails in seconds.
-        self.trackers = Trackers(args, self.run_dir, state["global_step"] if state else 0, self.is_main)
+        self.trackers = Trackers(args, self.run_dir, self.is_main)  # --wandb: W&B before any model loads
         self.prompts = load_prompts(args.prompts)
         # Reward models load now, so that a missing one fails before the policy loads.
         self.reward_fn = build_reward(args, device if args.reward_device == "auto" else torch.device(args.reward_device))
@@ -1109,8 +1108,8 @@ class Run:
                 json.dumps({**dataclasses.asdict(args), "world_size": self.world,
                             "resolution_used": self.latent_shape[1] * vae_factor(pipe)}, indent=2))
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl", self.start_epoch, self.is_main, self.log)
-        self.trackers.resume(self.metrics.records)
-        self.metrics.mirror = self.trackers.log  # --wandb, --tensorboard: every record from here on
+        self.trackers.start(self.global_step, self.metrics.records)  # --tensorboard
+        self.metrics.mirror = self.trackers.log  # every record from here on, to W&B and TensorBoard
         self.reward_worker = RewardWorker(self.reward_fn, args.reward, self.monitor, one_thread=device.type == "cpu")
         self.saved_epoch, self.epoch, self.in_training, self.epoch_start_rngs = self.start_epoch, None, False, None
         self.warned_ratio = False
@@ -1689,14 +1688,14 @@ class Trackers:
     step (not "epoch": an evaluation shares its step with the epoch before it); on resume it drops its events
     from the resumed step on (purge_step) and takes that step's kept records again: each step once."""
 
-    def __init__(self, args, run_dir, start_step, is_main):
+    def __init__(self, args, run_dir, is_main):
+        """W&B, at the start (a login problem fails before any model loads)."""
+        self.args, self.run_dir, self.is_main = args, run_dir, is_main
         self.wandb = self.tensorboard = None
-        self.start_step = start_step
-        if is_main and (args.wandb or args.tensorboard):
-            run_dir.mkdir(parents=True, exist_ok=True)
         if is_main and args.wandb:
             import wandb
 
+            run_dir.mkdir(parents=True, exist_ok=True)
             id_file = run_dir / "wandb_id"
             resumed = {"id": id_file.read_text().strip(), "resume": "allow"} if id_file.exists() else {}
             try:
@@ -1708,18 +1707,18 @@ class Trackers:
             self.wandb.define_metric("step")
             self.wandb.define_metric("*", step_metric="step")
             self.wandb_image = wandb.Image
-        if is_main and args.tensorboard:
+
+    def start(self, start_step, kept_records):
+        """TensorBoard, once metrics.jsonl is trimmed for a resume, so that both drop the same records: the
+        events from the resumed step on, then that step's kept records (the last epoch's) go back in."""
+        if self.is_main and self.args.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None,
+            self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step or None,
                                              flush_secs=10)  # written within 10 s (the default waits 2 minutes)
-
-    def resume(self, kept_records):
-        """TensorBoard dropped its events from the resumed step on, and the records of that step that
-        metrics.jsonl keeps (the last epoch's) go back in; the resumed epoch's evaluation shares the step."""
-        for record in kept_records:
-            if self.tensorboard and self.start_step and record["step"] == self.start_step:
-                self.tensorboard_scalars(record)
+            for record in kept_records:
+                if start_step and record["step"] == start_step:
+                    self.tensorboard_scalars(record)
 
     def log(self, record):
         if self.wandb:

@@ -2364,7 +2364,7 @@ def test_torchrun_two_processes_agree_and_equal_one_process_on_the_global_batch(
     each step's averaged gradient equals that of one process over both ranks' samples (the global batch),
     to float32 round-off."""
     flags = ["--preset", "tiny", "--num-epochs", "2", "--gradient-accumulation-steps", "4", "--timestep-fraction", "1",
-             "--image-every", "0", "--save-every", "100", "--run-dir", str(tmp_path / "run")]
+             "--image-every", "0", "--save-every", "100", "--tensorboard", "--run-dir", str(tmp_path / "run")]
     (tmp_path / "record.py").write_text(DDP_SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
            str(tmp_path / "record.py"), os.path.dirname(os.path.abspath(__file__)), str(tmp_path), *flags]
@@ -2411,9 +2411,17 @@ def test_torchrun_two_processes_agree_and_equal_one_process_on_the_global_batch(
         for got, want in zip(grads[0], averaged):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale)
 
-    # Its checkpoint holds both processes' random states: one process cannot resume it.
+    # Rank 0 alone writes TensorBoard events (one file), the values of metrics.jsonl.
+    assert len(list((tmp_path / "run" / "tensorboard").iterdir())) == 1
+    scalars, _ = tensorboard_events(tmp_path / "run" / "tensorboard")
+    rows = [r for r in strict_json_lines(tmp_path / "run" / "metrics.jsonl") if "reward/mean" in r]
+    assert scalars["reward/mean"] == [(r["step"], float(np.float32(r["reward/mean"]))) for r in rows] and len(rows) == 2
+
+    # Its checkpoint holds both processes' random states: one process cannot resume it (and, refused after
+    # the models load, leaves the TensorBoard events as they were).
     with pytest.raises(SystemExit, match="written by 2 process"):
         ddpo.main([*flags, "--num-epochs", "3", "--resume", "auto"])
+    assert len(list((tmp_path / "run" / "tensorboard").iterdir())) == 1
 
 
 KILL_SCRIPT = """
