@@ -1035,6 +1035,11 @@ def vector_info_in_epoch_1(images, prompts):
     bad = in_epoch_1(images, True)
     return images.mean(dim=(1, 2, 3)), {"pixels": [img.flatten()[:3].tolist() if bad else 0.5 for img in images]}
 
+def fails_in_evaluation_1(images, prompts):  # with --eval-every 1: calls 1-2 evaluate epoch 0, 3-4 its samples
+    global calls
+    calls += 1
+    return torch.full((len(images),), float("nan") if calls == 5 else 1.0)
+
 def hangs_in_epoch_1(images, prompts):
     if in_epoch_1(images, True):
         open(os.environ["HANG_MARKER"], "w").close()
@@ -2254,6 +2259,21 @@ def test_a_reward_failing_mid_run_keeps_the_epochs_done(user_rewards, tmp_path, 
     assert text.startswith(f"ddpo.py: stopped at epoch 1: reward 'user_rewards:{name}'{message}"), text
     assert text.endswith(f"latest checkpoint: {tmp_path / 'checkpoints' / 'epoch_0001'}")
     assert [p.name for p in ddpo.list_checkpoints(tmp_path)] == ["epoch_0001"]  # epoch 0's training kept
+
+
+@slow
+def test_a_reward_failing_in_an_evaluation_stops_the_run_and_keeps_the_epochs_done(user_rewards, tmp_path):
+    """The held-out evaluation at the start of epoch 1 (--eval-every 1) gets a NaN: one line naming the
+    evaluation, and epoch 1's starting state (epoch 0 trained) saved, though --save-every would not save it."""
+    with pytest.raises(SystemExit) as exit_info:
+        ddpo.main(["--preset", "tiny", "--reward", "user_rewards:fails_in_evaluation_1", "--num-epochs", "3",
+                   "--eval-every", "1", "--save-every", "100", "--image-every", "0", "--run-dir", str(tmp_path)])
+    text = str(exit_info.value.code)
+    assert text.startswith("ddpo.py: stopped at epoch 1: evaluation: reward 'user_rewards:fails_in_evaluation_1' "
+                           "returned nan for sample 0"), text
+    assert text.endswith(f"latest checkpoint: {tmp_path / 'checkpoints' / 'epoch_0001'}") and "\n" not in text
+    rows = strict_json_lines(tmp_path / "metrics.jsonl")
+    assert [r["epoch"] for r in rows if "reward/mean" in r] == [0] and [r["epoch"] for r in rows if "eval/reward_mean" in r] == [0]
 
 
 @slow
