@@ -1586,13 +1586,22 @@ def missing_checkpoint_files(path):
 
 
 def read_checkpoint(checkpoint):
-    """The checkpoint's trainer state, or RunStopped if the state file is damaged."""
+    """The checkpoint's trainer state, or RunStopped if it is damaged: the state file does not load, or (full
+    fine-tuning) a weights file of unet/ is cut short (safetensors checks its header against the file's size,
+    without reading the weights)."""
+    from safetensors import safe_open
+
+    name = "trainer_state.pt"
     try:
-        state = torch.load(Path(checkpoint) / "trainer_state.pt", map_location="cpu", weights_only=False)
+        state = torch.load(Path(checkpoint) / name, map_location="cpu", weights_only=False)
         if not isinstance(state, dict) or "next_epoch" not in state:
             raise ValueError("not a ddpo.py trainer state")
+        for path in sorted((Path(checkpoint) / "unet").glob("*.safetensors")):
+            name = f"unet/{path.name}"
+            with safe_open(path, "pt"):
+                pass
     except Exception as e:
-        raise RunStopped(f"checkpoint {checkpoint} is damaged: trainer_state.pt does not load "
+        raise RunStopped(f"checkpoint {checkpoint} is damaged: {name} does not load "
                          f"({rewards_lib.first_line(e)})") from None
     return state
 

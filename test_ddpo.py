@@ -2754,16 +2754,21 @@ def test_a_full_disk_while_checkpointing_stops_with_one_line_and_keeps_the_previ
 
 
 @slow
-def test_resume_auto_after_a_damaged_checkpoint_and_a_cut_metrics_line(tmp_path, capsys):
+@pytest.mark.parametrize("damaged", ["trainer_state.pt", "unet/diffusion_pytorch_model.safetensors"])
+def test_resume_auto_after_a_damaged_checkpoint_and_a_cut_metrics_line(tmp_path, capsys, damaged):
+    """The latest checkpoint's trainer state, or (full fine-tuning) its UNet weights, cut short: --resume auto
+    skips it in one line before any model loads, and continues from the one before."""
     run = tmp_path / "run"
     ddpo.main([*TINY_QUICK, "--num-epochs", "2", "--run-dir", str(run)])
-    (run / "checkpoints" / "epoch_0002" / "trainer_state.pt").write_bytes(b"\x80\x02 cut")
+    path = run / "checkpoints" / "epoch_0002" / damaged
+    path.write_bytes(path.read_bytes()[:-1000])
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 1, "step": 9, "train/lo')
     capsys.readouterr()
     ddpo.main([*TINY_QUICK, "--num-epochs", "3", "--run-dir", str(run), "--resume", "auto"])
     out = capsys.readouterr().out
-    assert f"skipping {run / 'checkpoints' / 'epoch_0002'}: checkpoint" in out
+    assert f"skipping {run / 'checkpoints' / 'epoch_0002'}: checkpoint {run / 'checkpoints' / 'epoch_0002'} is " \
+           f"damaged: {damaged} does not load" in out
     assert f"resumed from {run / 'checkpoints' / 'epoch_0001'} at epoch 1" in out and "dropped 1 damaged line" in out
     epochs = [r["epoch"] for r in strict_json_lines(run / "metrics.jsonl") if "reward/mean" in r]
     assert epochs == [0, 1, 2]
