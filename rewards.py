@@ -49,7 +49,7 @@ def check_scores(scores, prompts, name) -> torch.Tensor:
     if scores.shape != (len(prompts),):
         raise RewardError(f"reward {name!r} returned scores of shape {tuple(scores.shape)}, expected "
                           f"({len(prompts)},): one score per image")
-    if not (scores.dtype.is_floating_point or scores.dtype in (torch.int32, torch.int64, torch.bool)):
+    if scores.dtype.is_complex:
         raise RewardError(f"reward {name!r} returned scores of dtype {scores.dtype}, expected real numbers")
     scores = scores.float().cpu()
     bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()

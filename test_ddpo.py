@@ -1086,6 +1086,8 @@ def user_rewards(tmp_path, monkeypatch):
     (["--reward", "no_such_module_xyz:fn"], "reward 'no_such_module_xyz:fn': cannot import it"),
     (["--reward", ":fn"], "reward ':fn': write your own reward as module:function"),
     (["--reward", "user_rewards:"], "reward 'user_rewards:': write your own reward as module:function"),
+    (["--reward", "user_rewards:no_such_fn"],
+     "reward 'user_rewards:no_such_fn': cannot import it (module 'user_rewards' has no attribute 'no_such_fn')"),
     (["--reward", "syntax_error_reward:fn"], "reward 'syntax_error_reward:fn': cannot import it (SyntaxError"),
     (["--reward", "raising_reward:fn"], "cannot import it (RuntimeError: no GPU for this reward)"),
     (["--reward", "aesthetic", "--clip-model", "./no/such/clip"], "--clip-model './no/such/clip': no such directory"),
@@ -1293,6 +1295,22 @@ def test_sample_command_checks_its_flags_before_rendering(tmp_path, monkeypatch)
         assert message in str(exit_info.value.code)
     with pytest.raises(SystemExit, match="is not a checkpoint directory"):
         ddpo.main(["sample", "--checkpoint", str(tmp_path)])
+
+
+def test_reward_scores_are_real_numbers_returned_as_float32():
+    """Any real dtype (bool, uint8, ints, floats; a list, a numpy array or a tensor) comes back as float32 (B,);
+    text and complex numbers are refused with the reward's name."""
+    prompts = ["a", "b"]
+    for scores in ([1, 2], np.array([3, 250], dtype=np.uint8), torch.tensor([True, False]),
+                   torch.tensor([-2, 7], dtype=torch.int16), np.array([0.25, -1.5]), torch.tensor([0.5, 1.0]).half()):
+        checked = rewards.check_scores(scores, prompts, "r")
+        assert checked.dtype == torch.float32 and checked.tolist() == [float(x) for x in np.asarray(scores)]
+    for scores, message in [(["x", "y"], "reward 'r' returned scores that are not a tensor of numbers"),
+                            ([object(), 1], "reward 'r' returned scores that are not a tensor of numbers"),
+                            (torch.tensor([1 + 1j, 2j]), "reward 'r' returned scores of dtype torch.complex64, "
+                                                         "expected real numbers")]:
+        with pytest.raises(rewards.RewardError, match=re.escape(message)):
+            rewards.check_scores(scores, prompts, "r")
 
 
 def test_reward_extras_are_checked_like_the_scores():
