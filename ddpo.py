@@ -1201,9 +1201,7 @@ class Run:
                             **{f"eval/{k}": float(np.mean(v)) for k, v in infos.items()
                                if all(isinstance(x, (int, float)) for x in v)}})
         if self.is_main:
-            path = self.run_dir / "images" / f"eval_{epoch:04d}.png"
-            save_image_grid(path, images, prompts, rewards.tolist(), infos)
-            self.trackers.image("images/eval", path, epoch, self.global_step)
+            self.save_grid("eval", epoch, images, prompts, rewards.tolist(), infos)
         self.log(f"eval  {epoch:4d} | reward {rewards.mean().item():+.4f} ± {rewards.std(unbiased=False).item():.4f}"
                  f" | {len(prompts)} images of {len(self.eval_prompts)} held-out prompts{' (EMA)' if self.ema else ''}")
         return images, rewards
@@ -1247,11 +1245,16 @@ class Run:
         epoch's image grid, while the samples are at hand."""
         epoch, args = self.epoch, self.args
         if self.is_main and args.image_every and epoch % args.image_every == 0:
-            n, path = len(batches[0]["prompts"]), self.run_dir / "images" / f"epoch_{epoch:04d}.png"
-            save_image_grid(path, batches[0]["images"], batches[0]["prompts"], rewards[:n].tolist(),
-                            {k: v[:n] for k, v in infos.items()})
-            self.trackers.image("images/train", path, epoch, self.global_step)
+            n = len(batches[0]["prompts"])
+            self.save_grid("epoch", epoch, batches[0]["images"], batches[0]["prompts"], rewards[:n].tolist(),
+                           {k: v[:n] for k, v in infos.items()})
         self.in_training = True
+
+    def save_grid(self, kind, epoch, images, prompts, scores, infos):
+        """images/<kind>_<epoch>.png (+ .json), and to the trackers as images/train or images/eval."""
+        path = self.run_dir / "images" / f"{kind}_{epoch:04d}.png"
+        save_image_grid(path, images, prompts, scores, infos)
+        self.trackers.image("images/eval" if kind == "eval" else "images/train", path, epoch, self.global_step)
 
     def log_step(self, epoch, sums):
         """One optimizer step's metrics (over every process's pairs), one host sync. A non-finite loss,
@@ -1725,8 +1728,8 @@ class Trackers:
 
             self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step or None,
                                              flush_secs=10)  # written within 10 s (the default waits 2 minutes)
-            for record in kept_records:
-                if start_step and record["step"] == start_step:
+            for record in kept_records if start_step else []:
+                if record["step"] == start_step:
                     self.tensorboard_scalars(record)
 
     def log(self, record):
