@@ -1023,10 +1023,13 @@ def wrong_shape(images, prompts):
 def raises(images, prompts):
     raise ValueError("boom")
 
-def in_epoch_1(images, value):  # 2 sampling batches per tiny epoch: call 3 is epoch 1's first
+def on_call(n):  # counts this module's reward calls: is this the n-th?
     global calls
     calls += 1
-    return value if calls == 3 else None
+    return calls == n
+
+def in_epoch_1(images, value):  # 2 sampling batches per tiny epoch: call 3 is epoch 1's first
+    return value if on_call(3) else None
 
 def fails_in_epoch_1(images, prompts):
     return torch.full((len(images),), float("nan") if in_epoch_1(images, True) else 1.0)
@@ -1036,9 +1039,7 @@ def vector_info_in_epoch_1(images, prompts):
     return images.mean(dim=(1, 2, 3)), {"pixels": [img.flatten()[:3].tolist() if bad else 0.5 for img in images]}
 
 def fails_in_evaluation_1(images, prompts):  # with --eval-every 1: calls 1-2 evaluate epoch 0, 3-4 its samples
-    global calls
-    calls += 1
-    return torch.full((len(images),), float("nan") if calls == 5 else 1.0)
+    return torch.full((len(images),), float("nan") if on_call(5) else 1.0)
 
 def hangs_in_epoch_1(images, prompts):
     if in_epoch_1(images, True):
@@ -2452,8 +2453,8 @@ def test_torchrun_two_processes_agree_and_equal_one_process_on_the_global_batch(
     # Rank 0 alone writes TensorBoard events (one file), the values of metrics.jsonl.
     assert len(list((tmp_path / "run" / "tensorboard").iterdir())) == 1
     scalars, _ = tensorboard_events(tmp_path / "run" / "tensorboard")
-    rows = [r for r in strict_json_lines(tmp_path / "run" / "metrics.jsonl") if "reward/mean" in r]
-    assert scalars["reward/mean"] == [(r["step"], float(np.float32(r["reward/mean"]))) for r in rows] and len(rows) == 2
+    assert scalars == as_tensorboard(strict_json_lines(tmp_path / "run" / "metrics.jsonl"))
+    assert len(scalars["reward/mean"]) == 2
 
     # Its checkpoint holds both processes' random states: one process cannot resume it (and, refused after
     # the models load, leaves the TensorBoard events as they were).
@@ -2610,6 +2611,16 @@ def tensorboard_events(log_dir):
     return scalars, images
 
 
+def as_tensorboard(records):
+    """{tag: [(step, value)]} that TensorBoard should hold for these metrics records (it keeps float32)."""
+    expected = {}
+    for r in records:
+        for k, v in r.items():
+            if k not in ("step", "epoch") and v is not None:
+                expected.setdefault(k, []).append((r["step"], float(np.float32(v))))
+    return expected
+
+
 def test_trackers_without_their_packages_fail_before_models_load(tmp_path, monkeypatch):
     monkeypatch.setattr(ddpo, "load_pipeline", lambda *a, **k: pytest.fail("models loaded"))
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now fails, as when it is not installed
@@ -2670,12 +2681,7 @@ def test_wandb_and_tensorboard_mirror_the_metrics_through_a_crash_resume_and_ove
     assert b.rows[-1]["images/eval"] == ("image", (run / "images" / "eval_0004.png").read_bytes())
 
     scalars, images = tensorboard_events(run / "tensorboard")
-    expected = {}
-    for r in final:
-        for k, v in r.items():
-            if k not in ("step", "epoch") and v is not None:
-                expected.setdefault(k, []).append((r["step"], float(np.float32(v))))  # TensorBoard keeps float32
-    assert scalars == expected  # time/* differ between the first epoch 2 and the redone one: the purge is needed
+    assert scalars == as_tensorboard(final)  # time/* differ between the first epoch 2 and the redone one: the purge is needed
     assert [step for step, _ in images["images/eval"]] == [0, 1, 2, 3, 4]
     assert [step for step, _ in images["images/train"]] == [0, 1, 2, 3]
     for tag, name in (("images/eval", "eval_0004"), ("images/train", "epoch_0003")):
@@ -2684,8 +2690,8 @@ def test_wandb_and_tensorboard_mirror_the_metrics_through_a_crash_resume_and_ove
     ddpo.main([*flags, "--num-epochs", "1", "--overwrite"])
     assert "id" not in wandb.runs[2].kwargs and (run / "wandb_id").read_text() == "run2\n"
     scalars, _ = tensorboard_events(run / "tensorboard")
-    epoch_0 = [r for r in strict_json_lines(run / "metrics.jsonl") if "reward/mean" in r]
-    assert scalars["reward/mean"] == [(1, float(np.float32(epoch_0[0]["reward/mean"])))] and len(epoch_0) == 1
+    assert scalars["reward/mean"] == as_tensorboard(strict_json_lines(run / "metrics.jsonl"))["reward/mean"]
+    assert [step for step, _ in scalars["reward/mean"]] == [1]  # the new run's one epoch
 
 
 @slow
