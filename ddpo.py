@@ -635,7 +635,8 @@ class Args:
                         "minutes with cold caches)")
     cuda_graphs: str = arg("auto", "auto | on | off: replay the training step's UNet forward and backward from "
                            "CUDA graphs (one capture, then two launches per call instead of thousands); auto = on "
-                           "for LoRA on a CUDA device without --compile or --gradient-checkpointing. Measured on "
+                           "for LoRA on a CUDA device without --compile or --gradient-checkpointing ('on' also "
+                           "captures --compile's kernels: unmeasured on GPUs). Measured on "
                            "an H200 at SD scale: 45.8 -> 30.2 s per epoch at the published order, peak memory "
                            "11.7 -> 10.0 GB")
     device: str = arg("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
@@ -922,8 +923,8 @@ def validate(args: Args):
              f"for the built-in {', '.join(HELD_OUT)})")
     check_device("--device", args.device)
     if args.cuda_graphs == "on":
-        need(not args.compile and not args.gradient_checkpointing, "cuda_graphs", "on",
-             "off or auto with --compile or --gradient-checkpointing (each changes what a capture would hold)")
+        need(not args.gradient_checkpointing, "cuda_graphs", "on", "off or auto with --gradient-checkpointing "
+             "(its recomputation in the backward reads the RNG state, which a capture cannot)")
         if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
             fail(f"--cuda-graphs on needs a CUDA device (--device {args.device}"
                  f"{', and CUDA is not available' if args.device == 'auto' else ''})")
@@ -987,9 +988,10 @@ def on_policy_settings(args: Args, log=print) -> Args:
 
 
 def use_cuda_graphs(args: Args, device: torch.device) -> bool:
-    """--cuda-graphs: 'on' (validated: CUDA, no --compile or --gradient-checkpointing), 'off', or 'auto': on
-    where it was measured to pay, LoRA on a CUDA device (README, "On a GPU"). Full fine-tuning stays eager
-    under auto: its capture would hold a static gradient buffer for every UNet weight (unmeasured)."""
+    """--cuda-graphs: 'on' (validated: CUDA, no --gradient-checkpointing), 'off', or 'auto': on where it was
+    measured to pay, LoRA on a CUDA device, eager (README, "On a GPU"). Full fine-tuning stays eager under auto:
+    its capture would hold a static gradient buffer for every UNet weight (unmeasured); so does --compile, whose
+    graphs 'on' captures (the compiled blocks' kernels, replayed), tested on the CPU only."""
     if args.cuda_graphs != "auto":
         return args.cuda_graphs == "on"
     return (device.type == "cuda" and args.lora_rank > 0 and not args.compile
@@ -1997,9 +1999,11 @@ class GraphedUNet:
     step's last, shorter micro-batch), sampling (eval mode, no autograd), the KL reference (the raw UNet, its
     adapters toggled in Python, which a graph could not see). The graphs read the weights where they are, so
     in-place updates (optimizer steps, EMA swaps) are seen. The training forward and the exact-ratio re-score both
-    replay the same graph, so they agree bitwise. On an H200, SD v1.5, 8 rows: 118 -> 88 ms per forward +
-    backward, 46 -> 37.5 ms per re-scoring forward, log p bitwise equal to eager; a whole epoch at the published
-    settings 45.8 -> 30.2 s, peak memory 11.7 -> 10.0 GB (README)."""
+    replay the same graph, so they agree bitwise. With --compile ('on' only), make_graphed_callables' warm-up
+    calls compile the blocks and the capture records their kernels (tested on the CPU; unmeasured on GPUs).
+    On an H200, SD v1.5, 8 rows: 118 -> 88 ms per forward + backward, 46 -> 37.5 ms per re-scoring forward,
+    log p bitwise equal to eager; a whole epoch at the published settings 45.8 -> 30.2 s, peak memory
+    11.7 -> 10.0 GB (README)."""
 
     def __init__(self, unet, autocast, make_graphed=None):
         self.unet, self.autocast, self.key, self.graphed = unet, autocast, None, None

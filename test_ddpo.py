@@ -1129,8 +1129,7 @@ def user_rewards(tmp_path, monkeypatch):
     (["--train-timesteps", "0:11"], "--train-timesteps must be a:b with 0 <= a < b <= --num-steps 10 (got '0:11')"),
     (["--train-timesteps", "early"], "--train-timesteps must be a:b with 0 <= a < b"),
     (["--ema-decay", "1"], "--ema-decay must be in [0, 1) (0 = off) (got 1.0)"),
-    (["--cuda-graphs", "on", "--compile"], "--cuda-graphs must be off or auto with --compile or --gradient-checkpointing"),
-    (["--cuda-graphs", "on", "--gradient-checkpointing"], "--cuda-graphs must be off or auto with --compile"),
+    (["--cuda-graphs", "on", "--gradient-checkpointing"], "--cuda-graphs must be off or auto with --gradient-checkpointing"),
     (["--cuda-graphs", "on", "--device", "cpu"], "--cuda-graphs on needs a CUDA device (--device cpu)"),
     (["--cuda-graphs", "on"], "--cuda-graphs on needs a CUDA device (--device auto, and CUDA is not available)"),
     (["--cuda-graphs", "yes"], "--cuda-graphs must be auto or on or off (got 'yes')"),
@@ -1695,6 +1694,16 @@ def test_cuda_graphs_auto_is_on_for_lora_on_cuda_only():
     assert graphs(cuda, "--lora-rank", "0") is False
     assert graphs(cuda, "--cuda-graphs", "off") is False
     assert graphs(cuda, "--cuda-graphs", "on", "--lora-rank", "0") is True
+
+
+def test_cuda_graphs_on_is_accepted_with_compile_on_a_cuda_device(monkeypatch, tmp_path):
+    """--cuda-graphs on captures --compile's blocks: validate() accepts the pair where CUDA is (faked here: it
+    checks nothing else of the device), and still refuses it with --gradient-checkpointing."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    argv = ["--preset", "tiny", "--device", "cuda", "--cuda-graphs", "on", "--run-dir", str(tmp_path / "run")]
+    ddpo.validate(ddpo.parse_args([*argv, "--compile"]))
+    with pytest.raises(SystemExit, match="--cuda-graphs must be off or auto with --gradient-checkpointing"):
+        ddpo.validate(ddpo.parse_args([*argv, "--compile", "--gradient-checkpointing"]))
 
 
 @slow
@@ -2877,18 +2886,31 @@ def test_compile_does_not_recompile_after_the_first_epoch(tmp_path, monkeypatch)
 
 
 @slow
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["compile", "compile+cuda-graphs"])
 def test_compile_with_the_lora_toggle_kl_ema_and_evaluation_recompiles_nothing_and_changes_nothing(tmp_path,
-                                                                                                   monkeypatch):
+                                                                                                   monkeypatch,
+                                                                                                   cuda_graphs):
     """--compile with LoRA, guidance, --kl-coef (the reference is the same UNet with its adapters switched off,
     a Python toggle that also flips the adapters' requires_grad), --ema-decay (weights swapped in for
     evaluation) and --eval-every 1: the graphs of all of these are compiled in the first epoch, nothing after,
     and the compiled run's metrics are bitwise those of the eager run, KL to the reference included (a graph
-    that missed the toggle would give the policy's own prediction as the reference's: kl_ref 0)."""
+    that missed the toggle would give the policy's own prediction as the reference's: kl_ref 0). The same
+    with --cuda-graphs on (CUDA only, so here forced on, with the CPU stand-in for the capture): the training
+    step's compiled UNet is captured once, in the first epoch, and replayed to the same numbers (4 replays
+    accumulate each optimizer step's gradient, which the capture returns in memory that the next replay reuses)."""
     argv = [*TINY_QUICK, *LORA_CFG, "--num-epochs", "3", "--kl-coef", "0.1", "--ema-decay", "0.9", "--eval-every", "1"]
-    compiled = compiled_graphs_per_epoch([*argv, "--compile", "--run-dir", str(tmp_path / "compiled")], monkeypatch)
+    captures = []
+    with monkeypatch.context() as patch:  # the compiled run's patches, undone for the eager run
+        if cuda_graphs:  # 4 calls of 4 pairs per optimizer step: one capture, then replays that accumulate gradients
+            argv += ["--train-micro-batch", "4"]
+            patch.setattr(ddpo, "use_cuda_graphs", lambda args, device: True)
+            patch.setattr(ddpo, "GraphedUNet", functools.partial(
+                ddpo.GraphedUNet, make_graphed=lambda m, a, **_: fake_make_graphed(m, a, captures)))
+        compiled = compiled_graphs_per_epoch([*argv, "--compile", "--run-dir", str(tmp_path / "compiled")], patch)
     assert compiled[0][0] >= 3  # sampling, training, and the reference's forward with the adapters off
     assert compiled[2] == compiled[1] == compiled[0], compiled
     ddpo.main([*argv, "--run-dir", str(tmp_path / "eager")])
+    assert len(captures) == (1 if cuda_graphs else 0)  # one, in the compiled run
     lines = {name: strict_json_lines(tmp_path / name / "metrics.jsonl") for name in ("compiled", "eager")}
     assert len(lines["compiled"]) == len(lines["eager"]) > 0
     for compiled_line, eager_line in zip(lines["compiled"], lines["eager"]):
