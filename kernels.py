@@ -505,7 +505,27 @@ def time_on_gpu(B, N, dtype):
     forward_bytes, backward_bytes = fused_traffic(B, N, dtype, True)
     return {"fwd_us": fwd, "bwd_us": bwd, "fwd_GBps": forward_bytes / fwd / 1e3, "bwd_GBps": backward_bytes / bwd / 1e3,
             "call_us": call_us, "host_us": max(0.0, call_us - fwd - bwd), "floor_us": floor_us,
-            "launch_us": launch_us}
+            "launch_us": launch_us, "in_backward_us": in_backward_us(call_in_one_backward(
+                lambda: ddim_logprob_ratio(scheduler, cond, uncond, 5.0, t, x_t, x_prev, old, fused=True),
+                (cond, uncond), ones), wall_us)}
+
+
+def call_in_one_backward(fn, inputs, grad):
+    """k -> a function that makes k calls of fn() (each returning tensors of grad's shape) and backpropagates
+    all of them in one torch.autograd.grad, as a training step's backward does with its one loss."""
+    def make(k):
+        def run():
+            outputs = [out for _ in range(k) for out in fn()]
+            return torch.autograd.grad(outputs, inputs, [grad] * len(outputs))
+        return run
+    return make
+
+
+def in_backward_us(make, wall, k=9):
+    """Wall microseconds that one more call adds when k calls share one backward pass: (T(k) - T(1)) / (k - 1).
+    What a call costs inside a training step, whose backward starts autograd's engine once for everything
+    (on a GPU its per-device thread must wake: part of `call us`, paid once per step, not per call)."""
+    return (wall(make(k)) - wall(make(1))) / (k - 1)
 
 
 def wall_us(fn, reps=200):
@@ -577,15 +597,17 @@ def main():
         return
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; fp16 predictions, CFG")
     print(f"{'B':>3} {'S':>3} {'fwd us':>8} {'fwd GB/s':>9} {'bwd us':>8} {'bwd GB/s':>9} {'call us':>8} {'host us':>8} "
-          f"{'floor us':>9} {'launch us':>9}")
+          f"{'floor us':>9} {'launch us':>9} {'in-bwd us':>9}")
     for B in (1, 4, 16, 32):
         r = time_on_gpu(B, N, torch.float16)
         print(f"{B:>3} {launch_split(B, N)[0]:>3} {r['fwd_us']:8.2f} {r['fwd_GBps']:9.0f} {r['bwd_us']:8.2f} "
-              f"{r['bwd_GBps']:9.0f} {r['call_us']:8.1f} {r['host_us']:8.1f} {r['floor_us']:9.1f} {r['launch_us']:9.1f}")
+              f"{r['bwd_GBps']:9.0f} {r['call_us']:8.1f} {r['host_us']:8.1f} {r['floor_us']:9.1f} {r['launch_us']:9.1f} "
+              f"{r['in_backward_us']:9.1f}")
     print("(fwd/bwd us: the kernel alone, 100 launches replayed in a CUDA graph; call us: one ddim_logprob_ratio\n"
           " forward + torch.autograd.grad, wall time; host us = call - kernels; floor us: the same through a\n"
           " do-nothing autograd.Function, what autograd alone costs on this host; launch us: fused_forward +\n"
-          " fused_backward called directly, wall time: the wrappers and Triton's launcher without autograd)")
+          " fused_backward called directly, wall time: the wrappers and Triton's launcher without autograd;\n"
+          " in-bwd us: what one more call adds when 9 share one backward, as in a training step)")
 
 
 if __name__ == "__main__":

@@ -617,6 +617,22 @@ def test_kernel_split_sums_deterministically_and_resets_its_counters():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+def test_in_backward_timing_backpropagates_every_call_in_one_pass():
+    """kernels.py's `in-bwd us` column (GPU only): k fused calls whose outputs go through one autograd.grad give
+    k times one call's gradient (each call is in the pass, under the interpreter's kernels), and the per-call
+    figure is (T(k) - T(1)) / (k - 1) of the timings it is given."""
+    c, _ = kernel_case("epsilon", (3, 4, 8, 8), torch.float32, True)
+    cond, uncond = c["cond"].requires_grad_(), c["uncond"].requires_grad_()
+    grad = torch.randn(3, generator=torch.Generator().manual_seed(1))
+    make = kernels.call_in_one_backward(lambda: kernels.ddim_logprob_ratio(
+        c["scheduler"], cond, uncond, c["w"], c["t"], c["x_t"], c["x_prev"], c["old"], fused=True), (cond, uncond), grad)
+    one, four = make(1)(), make(4)()
+    assert one[0].abs().max() > 0
+    for a, b in zip(one, four):
+        torch.testing.assert_close(b, 4 * a, rtol=1e-6, atol=0)
+    assert kernels.in_backward_us(lambda k: k, lambda k: 250.0 + 40.0 * k) == pytest.approx(40.0)
+
+
 @slow
 def test_kernels_py_alone_in_an_empty_directory_runs_its_check(tmp_path):
     """kernels.py copied alone (no ddpo.py, no rewards.py importable) runs `python kernels.py`: fused ==
