@@ -1179,6 +1179,24 @@ def test_bad_input_fails_in_one_line_before_models_load(argv, message, monkeypat
     assert not (tmp_path / "run").exists()
 
 
+def test_a_stable_diffusion_sized_unet_on_the_cpu_is_announced_with_the_reason(monkeypatch):
+    """cpu_note: one line when a UNet of over 100M parameters (built on the meta device: no memory) is to run on
+    the CPU, naming why: a CPU-only torch build, no CUDA device found, or --device cpu. Nothing for the tiny
+    model's size or on a GPU."""
+    big = torch.nn.Sequential(*[torch.nn.Linear(4096, 4096, device="meta") for _ in range(6)])  # 100.7M
+    small = torch.nn.Linear(600, 600)  # 0.36M, the tiny UNet's size
+    cpu = torch.device("cpu")
+    assert ddpo.cpu_note(cpu, "auto", small) is None
+    assert ddpo.cpu_note(torch.device("cuda"), "auto", big) is None
+    monkeypatch.setattr(torch.version, "cuda", None)
+    note = ddpo.cpu_note(cpu, "auto", big)
+    assert note.startswith("note: the 101M-parameter UNet runs on the CPU (torch ") and "is a CPU-only build" in note
+    assert "\n" not in note
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    assert "(torch finds no CUDA device)" in ddpo.cpu_note(cpu, "auto", big)
+    assert "(--device cpu)" in ddpo.cpu_note(cpu, "cpu", big)
+
+
 def test_preset_first_then_flags_override():
     args = ddpo.parse_args(["--num-epochs", "7", "--preset", "tiny", "--no-per-prompt-stat-tracking"])
     assert args.num_epochs == 7 and args.model == "tiny" and args.resolution is None
