@@ -1933,7 +1933,8 @@ def load_pipeline(args, device, dtype, log=print):
     config.setdefault("set_alpha_to_one", False)
     pipe.scheduler = DDIMScheduler.from_config(config)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    # diffusers warns that an fp16 pipeline on the CPU "will fail"; torch runs fp16 on the CPU (tested), slowly
+    return pipe.to(device, silence_dtype_warnings=True)
 
 
 @contextlib.contextmanager

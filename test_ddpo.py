@@ -2557,8 +2557,15 @@ def test_resume_refuses_a_config_that_changes_the_state(tmp_path):
 
 
 @slow
-def test_bf16_lora_run_keeps_trainable_weights_fp32(tmp_path, monkeypatch):
-    seen = {}
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_lora_run_keeps_trainable_weights_fp32(tmp_path, monkeypatch, precision):
+    """bf16 and fp16 (the SD presets' default) run on the CPU too: frozen weights in the half dtype, trainable
+    ones fp32, the on-policy ratio exactly 1, and no diffusers warning that an fp16 pipeline on the CPU 'will
+    fail' (it runs: torch has CPU kernels for fp16)."""
+    from diffusers.pipelines import pipeline_utils
+
+    seen, warned = {}, []
+    monkeypatch.setattr(pipeline_utils.logger, "warning", lambda message, *a, **k: warned.append(message))
     original = ddpo.setup_trainable
 
     def spy(unet, args):
@@ -2568,12 +2575,14 @@ def test_bf16_lora_run_keeps_trainable_weights_fp32(tmp_path, monkeypatch):
         return params
 
     monkeypatch.setattr(ddpo, "setup_trainable", spy)
-    ddpo.main(["--preset", "tiny", *LORA_CFG, "--mixed-precision", "bf16", "--num-epochs", "1", "--image-every", "0",
-               *SMALL_EPOCH, "--run-dir", str(tmp_path)])
-    assert seen == {"trainable": {torch.float32}, "frozen": {torch.bfloat16}}
+    ddpo.main(["--preset", "tiny", *LORA_CFG, "--mixed-precision", precision, "--num-epochs", "1", "--image-every",
+               "0", *SMALL_EPOCH, "--run-dir", str(tmp_path)])
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert seen == {"trainable": {torch.float32}, "frozen": {half}}
     epochs, steps = read_metrics(tmp_path)
     assert len(epochs) == 1 and all(math.isfinite(s["train/loss"]) for s in steps)
-    assert epochs[0]["train/ratio_dev_onpolicy"] == 0  # --exact-ratio auto: on in bf16
+    assert epochs[0]["train/ratio_dev_onpolicy"] == 0  # --exact-ratio auto: on in bf16 and fp16
+    assert not [message for message in warned if "cannot run with `cpu` device" in message]
 
 
 # ======================================================================================================
