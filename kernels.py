@@ -507,7 +507,9 @@ def time_on_gpu(B, N, dtype):
             "call_us": call_us, "host_us": max(0.0, call_us - fwd - bwd), "floor_us": floor_us,
             "launch_us": launch_us, "in_backward_us": in_backward_us(call_in_one_backward(
                 lambda: ddim_logprob_ratio(scheduler, cond, uncond, 5.0, t, x_t, x_prev, old, fused=True),
-                (cond, uncond), ones), wall_us)}
+                (cond, uncond), ones), wall_us),
+            "floor_in_backward_us": in_backward_us(call_in_one_backward(
+                lambda: _Nothing.apply(cond, uncond, zeros), (cond, uncond), ones), wall_us)}
 
 
 def call_in_one_backward(fn, inputs, grad):
@@ -597,17 +599,18 @@ def main():
         return
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; fp16 predictions, CFG")
     print(f"{'B':>3} {'S':>3} {'fwd us':>8} {'fwd GB/s':>9} {'bwd us':>8} {'bwd GB/s':>9} {'call us':>8} {'host us':>8} "
-          f"{'floor us':>9} {'launch us':>9} {'in-bwd us':>9}")
+          f"{'floor us':>9} {'launch us':>9} {'in-bwd us':>9} {'floor in-bwd':>12}")
     for B in (1, 4, 16, 32):
         r = time_on_gpu(B, N, torch.float16)
         print(f"{B:>3} {launch_split(B, N)[0]:>3} {r['fwd_us']:8.2f} {r['fwd_GBps']:9.0f} {r['bwd_us']:8.2f} "
               f"{r['bwd_GBps']:9.0f} {r['call_us']:8.1f} {r['host_us']:8.1f} {r['floor_us']:9.1f} {r['launch_us']:9.1f} "
-              f"{r['in_backward_us']:9.1f}")
+              f"{r['in_backward_us']:9.1f} {r['floor_in_backward_us']:12.1f}")
     print("(fwd/bwd us: the kernel alone, 100 launches replayed in a CUDA graph; call us: one ddim_logprob_ratio\n"
           " forward + torch.autograd.grad, wall time; host us = call - kernels; floor us: the same through a\n"
           " do-nothing autograd.Function, what autograd alone costs on this host; launch us: fused_forward +\n"
           " fused_backward called directly, wall time: the wrappers and Triton's launcher without autograd;\n"
-          " in-bwd us: what one more call adds when 9 share one backward, as in a training step)")
+          " in-bwd us: what one more call adds when 9 share one backward, as in a training step; floor in-bwd:\n"
+          " the same for the do-nothing Function)")
 
 
 if __name__ == "__main__":

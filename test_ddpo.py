@@ -630,6 +630,9 @@ def test_in_backward_timing_backpropagates_every_call_in_one_pass():
     assert one[0].abs().max() > 0
     for a, b in zip(one, four):
         torch.testing.assert_close(b, 4 * a, rtol=1e-6, atol=0)
+    zeros = (torch.zeros_like(cond), torch.zeros_like(uncond))  # the floor column's do-nothing Function, 3 calls
+    nothing = kernels.call_in_one_backward(lambda: kernels._Nothing.apply(cond, uncond, zeros), (cond, uncond), grad)
+    assert all(g.shape == cond.shape and not g.any() for g in nothing(3)())
     assert kernels.in_backward_us(lambda k: k, lambda k: 250.0 + 40.0 * k) == pytest.approx(40.0)
 
 
