@@ -924,7 +924,7 @@ def validate(args: Args):
     check_device("--device", args.device)
     if args.cuda_graphs == "on":
         need(not args.gradient_checkpointing, "cuda_graphs", "on", "off or auto with --gradient-checkpointing "
-             "(its recomputation in the backward reads the RNG state, which a capture cannot)")
+             "(checkpointing saves the RNG state for its recomputation, which captures have refused: pytorch#83148)")
         if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
             fail(f"--cuda-graphs on needs a CUDA device (--device {args.device}"
                  f"{', and CUDA is not available' if args.device == 'auto' else ''})")

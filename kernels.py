@@ -525,8 +525,8 @@ def call_in_one_backward(fn, inputs, grad):
 
 def in_backward_us(make, wall, k=9):
     """Wall microseconds that one more call adds when k calls share one backward pass: (T(k) - T(1)) / (k - 1).
-    What a call costs inside a training step, whose backward starts autograd's engine once for everything
-    (on a GPU its per-device thread must wake: part of `call us`, paid once per step, not per call)."""
+    What a call costs inside a training step, whose one backward pass starts autograd's engine once for all its
+    calls (on a GPU the engine hands CUDA work to its per-device thread and waits for it, once per pass)."""
     return (wall(make(k)) - wall(make(1))) / (k - 1)
 
 
