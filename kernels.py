@@ -457,8 +457,8 @@ def time_on_gpu(B, N, dtype):
     alone (each replayed 100 times in a CUDA graph, so no launch or Python cost is counted); one
     ddim_logprob_ratio forward + backward through autograd (`torch.autograd.grad` on the two predictions;
     wall time of 200 calls, CPU-bound); the same through a do-nothing autograd.Function (the floor that
-    autograd itself costs on this host); and the two host wrappers called directly, without autograd.
-    Returns a dict."""
+    autograd itself costs on this host); the two host wrappers called directly, without autograd; and what one
+    more call adds, ours and the do-nothing one, when 9 share one backward pass (in_backward_us). Returns a dict."""
     scheduler, cond, uncond, t, x_t, x_prev, old = bench_inputs(B, N, dtype, "cuda")
     table = coefficient_table(scheduler, 1.0, x_t.device)
     logp, ratio, flat = fused_forward(cond.detach(), uncond.detach(), 5.0, table, t, x_t, x_prev, old)
