@@ -488,28 +488,22 @@ def time_on_gpu(B, N, dtype):
     fwd = graph_us(lambda: fused_forward(cond.detach(), uncond.detach(), 5.0, table, t, x_t, x_prev, old))
     bwd = graph_us(lambda: fused_backward(*flat, 5.0, table, t, ratio, ones, ones))
 
-    def call():
-        lp, r = ddim_logprob_ratio(scheduler, cond, uncond, 5.0, t, x_t, x_prev, old, fused=True)
-        torch.autograd.grad((lp, r), (cond, uncond), (ones, ones))
-
+    # k calls (forward + one torch.autograd.grad on the two predictions): ours, and the do-nothing Function
     zeros = (torch.zeros_like(cond), torch.zeros_like(uncond))
-
-    def nothing():
-        torch.autograd.grad(_Nothing.apply(cond, uncond, zeros), (cond, uncond), (ones, ones))
+    ours = call_in_one_backward(lambda: ddim_logprob_ratio(scheduler, cond, uncond, 5.0, t, x_t, x_prev, old,
+                                                           fused=True), (cond, uncond), ones)
+    nothing = call_in_one_backward(lambda: _Nothing.apply(cond, uncond, zeros), (cond, uncond), ones)
 
     def launches():  # the host wrappers alone: checks, allocations and the launches, no autograd
         _, ratio_, flat_ = fused_forward(cond.detach(), uncond.detach(), 5.0, table, t, x_t, x_prev, old)
         fused_backward(*flat_, 5.0, table, t, ratio_, ones, ones)
 
-    call_us, floor_us, launch_us = wall_us(call), wall_us(nothing), wall_us(launches)
+    call_us, floor_us, launch_us = wall_us(ours(1)), wall_us(nothing(1)), wall_us(launches)
     forward_bytes, backward_bytes = fused_traffic(B, N, dtype, True)
     return {"fwd_us": fwd, "bwd_us": bwd, "fwd_GBps": forward_bytes / fwd / 1e3, "bwd_GBps": backward_bytes / bwd / 1e3,
             "call_us": call_us, "host_us": max(0.0, call_us - fwd - bwd), "floor_us": floor_us,
-            "launch_us": launch_us, "in_backward_us": in_backward_us(call_in_one_backward(
-                lambda: ddim_logprob_ratio(scheduler, cond, uncond, 5.0, t, x_t, x_prev, old, fused=True),
-                (cond, uncond), ones), wall_us),
-            "floor_in_backward_us": in_backward_us(call_in_one_backward(
-                lambda: _Nothing.apply(cond, uncond, zeros), (cond, uncond), ones), wall_us)}
+            "launch_us": launch_us, "in_backward_us": in_backward_us(ours, wall_us, call_us),
+            "floor_in_backward_us": in_backward_us(nothing, wall_us, floor_us)}
 
 
 def call_in_one_backward(fn, inputs, grad):
@@ -523,11 +517,12 @@ def call_in_one_backward(fn, inputs, grad):
     return make
 
 
-def in_backward_us(make, wall, k=9):
-    """Wall microseconds that one more call adds when k calls share one backward pass: (T(k) - T(1)) / (k - 1).
+def in_backward_us(make, wall, one_us, k=9):
+    """Wall microseconds that one more call adds when k calls share one backward pass: (T(k) - T(1)) / (k - 1),
+    T(1) = one_us, already measured.
     What a call costs inside a training step, whose one backward pass starts autograd's engine once for all its
     calls (on a GPU the engine hands CUDA work to its per-device thread and waits for it, once per pass)."""
-    return (wall(make(k)) - wall(make(1))) / (k - 1)
+    return (wall(make(k)) - one_us) / (k - 1)
 
 
 def wall_us(fn, reps=200):
