@@ -561,7 +561,7 @@ def train(args):
 
             # Train: shuffled (sample, step) pairs of the --train-timesteps window, one AdamW step per
             # train_batch_size * gradient_accumulation_steps samples (DDPO_SF: the whole epoch, on-policy).
-            run.begin_training(batches, rewards, infos)
+            run.save_samples_grid(batches, rewards, infos)  # every --image-every epochs
             unet.train()
             plans = [training_plan(n, args.num_steps, args.train_batch_size, args.gradient_accumulation_steps,
                                    args.timestep_fraction, args.train_micro_batch or args.train_batch_size,
@@ -1085,6 +1085,9 @@ class Run:
         self.optimizer = torch.optim.AdamW(self.params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        # A stop saves the epoch's starting state only while the weights still hold it: until the epoch's first
+        # optimizer step begins (one stopped halfway may have moved some weights and not others).
+        self.optimizer.register_step_pre_hook(lambda *_: setattr(self, "updated", True))
         self.tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
         # The KL reference (before restore: it is the initial model) and the EMA of the trainable weights.
         self.reference = reference_model(self.unet, args) if args.kl_coef > 0 else None
@@ -1113,7 +1116,7 @@ class Run:
         self.trackers.start(self.global_step, self.metrics.records)  # --tensorboard
         self.metrics.mirror = self.trackers.log  # every record from here on, to W&B and TensorBoard
         self.reward_worker = RewardWorker(self.reward_fn, args.reward, self.monitor, one_thread=device.type == "cpu")
-        self.saved_epoch, self.epoch, self.in_training, self.epoch_start_rngs = self.start_epoch, None, False, None
+        self.saved_epoch, self.epoch, self.updated, self.epoch_start, self.times = self.start_epoch, None, False, None, {}
         self.warned_ratio = False
         self.log(f"ddpo: {args.model} | reward {args.reward} | {args.sample_batch_size * args.sample_num_batches} "
                  f"samples/epoch x {self.world} process(es) | {args.num_epochs} epochs | "
@@ -1167,8 +1170,11 @@ class Run:
 
     # --- the epoch's phases ---
     def begin_epoch(self, epoch):
-        self.epoch, self.in_training = epoch, False
-        self.epoch_start_rngs = all_gather_objects(rng_state(self.np_rng, self.sample_gen, self.train_gen))
+        # What a stop before the epoch's first update saves (stop_guard): the RNG states and the stat tracker
+        # as they are now (the tracker takes the epoch's rewards before training starts).
+        self.epoch_start = {"rngs": all_gather_objects(rng_state(self.np_rng, self.sample_gen, self.train_gen)),
+                            "tracker": self.tracker.state_dict()}
+        self.epoch, self.updated = epoch, False
         self.times, self.step_metrics, self.ratio_dev_onpolicy = {"start": time.perf_counter()}, [], None
         if self.args.eval_every and epoch % self.args.eval_every == 0:
             self.evaluate(epoch)
@@ -1245,15 +1251,13 @@ class Run:
         rewards = torch.tensor([r for g in gathered for r in g["scores"]], dtype=torch.float32)
         return all_prompts, rewards, {k: [x for g in gathered for x in g["infos"][k]] for k in infos}
 
-    def begin_training(self, batches, rewards, infos):
-        """Weights change from here on: a stop can no longer save this epoch's starting state. First the
-        epoch's image grid, while the samples are at hand."""
+    def save_samples_grid(self, batches, rewards, infos):
+        """Every --image-every epochs, the grid of the epoch's first sampling batch with its rewards."""
         epoch, args = self.epoch, self.args
         if self.is_main and args.image_every and epoch % args.image_every == 0:
             n = len(batches[0]["prompts"])
             self.save_grid("epoch", epoch, batches[0]["images"], batches[0]["prompts"], rewards[:n].tolist(),
                            {k: v[:n] for k, v in infos.items()})
-        self.in_training = True
 
     def save_grid(self, kind, epoch, images, prompts, scores, infos):
         """images/<kind>_<epoch>.png (+ .json), and to the trackers as images/train or images/eval."""
@@ -1271,6 +1275,7 @@ class Run:
         loss_sum, kl_sum, clipped, count, kl_ref_sum, deviation, grad_norm, weights_ok = \
             torch.cat([sums, finite_weights.float().reshape(1).to(sums.device)]).tolist()
         self.global_step += 1
+        self.updated = True  # (also after a step the fp16 scaler skipped: the scale, EMA and step count moved)
         grad_skipped = self.scaler.is_enabled() and not math.isfinite(grad_norm)  # fp16: the scaler skips the step
         if not (math.isfinite(loss_sum) and (math.isfinite(grad_norm) or grad_skipped) and weights_ok):
             what = "loss" if not math.isfinite(loss_sum) else "gradient norm" if weights_ok else "weights"
@@ -1318,13 +1323,14 @@ class Run:
                      f"{args.clip_range:g}: numerical noise, not learning, is moving the clipped objective. Use "
                      "--exact-ratio on (re-scores the samples with the training forward)")
         if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.num_epochs:
-            self.save(epoch + 1, all_gather_objects(rng_state(self.np_rng, self.sample_gen, self.train_gen)))
+            self.save(epoch + 1, all_gather_objects(rng_state(self.np_rng, self.sample_gen, self.train_gen)),
+                      self.tracker.state_dict())
 
-    def save(self, next_epoch, rngs):
+    def save(self, next_epoch, rngs, tracker):
         if self.is_main:  # the others go on; they wait for rank 0 at the next epoch's gather
             state = {"next_epoch": next_epoch, "global_step": self.global_step,
                      "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                     "tracker": self.tracker.state_dict(), "rng": rngs,
+                     "tracker": tracker, "rng": rngs,
                      "ema": None if self.ema is None else [t.detach().cpu().clone() for t in self.ema]}
             save_checkpoint(self.run_dir, next_epoch, self.unet, state, self.args, self.log)
             plot_curves(self.metrics.records, self.run_dir / "curves.png")
@@ -1332,29 +1338,34 @@ class Run:
 
     @contextlib.contextmanager
     def stop_guard(self):
-        """Whatever stops the run (a reward, divergence, the disk, Ctrl-C, SIGTERM) ends it with one line and
-        a non-zero exit. If the weights have not changed this epoch, its starting state is saved first, so no
-        finished epoch is lost."""
+        """Whatever stops the run ends it with a line naming the epoch and the latest checkpoint: one line and a
+        non-zero exit for a reward, divergence, the disk, Ctrl-C, SIGTERM or running out of memory; for any other
+        exception (a bug) the line, then its traceback. Before the epoch's first optimizer step its starting
+        state is saved first, so no finished epoch is lost."""
         previous = signal.signal(signal.SIGTERM, raise_interrupt) if threading.current_thread() is \
             threading.main_thread() else None
         finished = False
         try:
             yield
             finished = True
-        except (RunStopped, KeyboardInterrupt) as e:
-            reason = str(e) if isinstance(e, RunStopped) else f"interrupted ({str(e) or 'SIGINT'})"
-            if self.epoch is not None and not self.in_training and self.epoch > self.saved_epoch:
+        except (KeyboardInterrupt, Exception) as e:  # not SystemExit: fail() has said what to fix
+            if out_of_memory(e):
+                traceback.clear_frames(e.__traceback__)  # free the failed call's tensors before saving
+            reason = self.stop_reason(e)
+            if self.epoch is not None and not self.updated and self.epoch > self.saved_epoch:
                 try:
-                    self.save(self.epoch, self.epoch_start_rngs)
+                    self.save(self.epoch, **self.epoch_start)
                 except RunStopped as save_error:
                     reason += f"; {save_error}"
             latest = list_checkpoints(self.run_dir)
             message = f"ddpo.py: stopped at epoch {self.epoch}: {reason}. " + (
                 f"latest checkpoint: {latest[-1]}" if latest else "no checkpoint was written")
-            if isinstance(e, RunStopped):
+            if isinstance(e, RunStopped) or out_of_memory(e):
                 raise SystemExit(message) from None  # printed to stderr, exit status 1, like fail()
             print(message, file=sys.stderr)
-            raise SystemExit(143 if str(e) == "SIGTERM" else 130) from None  # 128 + the signal, as shells report
+            if isinstance(e, KeyboardInterrupt):
+                raise SystemExit(143 if str(e) == "SIGTERM" else 130) from None  # 128 + the signal, as shells report
+            raise
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
@@ -1363,6 +1374,30 @@ class Run:
             self.trackers.close(failed=not finished)
             if distributed():
                 torch.distributed.destroy_process_group()
+
+    def stop_reason(self, error):
+        """What stopped the run, in words. Out of memory: torch's own first line (what was asked, what is free),
+        and the flags that lower the peak of the phase that ran out."""
+        if isinstance(error, RunStopped):
+            return str(error)
+        if isinstance(error, KeyboardInterrupt):
+            return f"interrupted ({str(error) or 'SIGINT'})"
+        if not out_of_memory(error):
+            return f"{type(error).__name__}: {rewards_lib.first_line(error)} (traceback below)"
+        args = self.args
+        if "rewarded" in self.times and "end" not in self.times:
+            return (f"out of memory while training ({rewards_lib.first_line(error)}). Fewer (sample, timestep) pairs "
+                    f"per UNet call lower the peak: --train-micro-batch (now {args.train_micro_batch or args.train_batch_size}"
+                    "), or --gradient-checkpointing, --offload-frozen")
+        return (f"out of memory while sampling ({rewards_lib.first_line(error)}). Fewer images per UNet call lower the "
+                f"peak: --sample-batch-size (now {args.sample_batch_size}; --sample-num-batches keeps the epoch's "
+                "samples), or --offload-frozen")
+
+
+def out_of_memory(error):
+    """torch's out-of-memory error (CUDA), its CPU allocator's (a RuntimeError), or Python's MemoryError."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error))
 
 
 def mean_of_numbers(values):

@@ -2832,6 +2832,105 @@ def test_a_full_disk_while_checkpointing_stops_with_one_line_and_keeps_the_previ
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_0001"]  # no half-written .tmp
 
 
+# 8 samples an epoch, two optimizer steps of one UNet call each (4 samples x 2 of their 4 steps), no re-score (fp32)
+TWO_STEPS = ["--preset", "tiny", "--image-every", "0", "--save-every", "100", *SMALL_EPOCH, "--train-batch-size", "4"]
+CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB "
+            "is free.")  # the first line of torch's message on a GPU
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+           "allocate 1048576 bytes. Error code 12 (Cannot allocate memory)")  # what torch raises on the CPU
+
+
+def failing_call(real, n, error):
+    """`real`, except that its n-th call raises `error` instead (error None: returns None, doing nothing)."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == n:
+            if error is None:
+                return None
+            raise error
+        return real(*args, **kwargs)
+    return wrapper
+
+
+@slow
+@pytest.mark.parametrize("where, n, error, saved", [
+    ("sample_trajectories", 2, torch.OutOfMemoryError(CUDA_OOM), True),  # epoch 1's sampling
+    ("AdamW.step", 3, RuntimeError(CPU_OOM), False),  # epoch 1's first optimizer step: weights may be half-moved
+    ("sample_trajectories", 2, ValueError("boom"), True),  # a bug
+    ("micro_batch_loss", 4, ValueError("boom"), False),  # a bug after epoch 1's first update
+], ids=["oom-sampling", "oom-in-optimizer-step", "bug-sampling", "bug-after-an-update"])
+def test_out_of_memory_and_bugs_stop_the_run_and_keep_the_epoch_when_its_weights_have_not_moved(
+        tmp_path, monkeypatch, capsys, where, n, error, saved):
+    """Out of memory (torch's CUDA error, or its CPU allocator's RuntimeError) ends the run in one line: torch's
+    first line and the flags that lower the peak of the phase that ran out; any other exception prints the line
+    and is re-raised with its traceback. Both save epoch 1's starting state (epoch 0 trained; --save-every would
+    not save it) if no optimizer step of epoch 1 has begun, and not otherwise."""
+    if where == "AdamW.step":
+        monkeypatch.setattr(torch.optim.AdamW, "step", failing_call(torch.optim.AdamW.step, n, error))
+    else:
+        monkeypatch.setattr(ddpo, where, failing_call(getattr(ddpo, where), n, error))
+    run = tmp_path / "run"
+    oom = not isinstance(error, ValueError)
+    with pytest.raises(SystemExit if oom else ValueError) as raised:
+        ddpo.main([*TWO_STEPS, "--num-epochs", "3", "--run-dir", str(run)])
+    line = str(raised.value.code) if oom else capsys.readouterr().err.strip().splitlines()[-1]
+    kept = f"latest checkpoint: {run / 'checkpoints' / 'epoch_0001'}" if saved else "no checkpoint was written"
+    if not oom:
+        assert raised.value is error and line == f"ddpo.py: stopped at epoch 1: ValueError: boom (traceback below). {kept}"
+    elif where == "sample_trajectories":
+        assert line == (f"ddpo.py: stopped at epoch 1: out of memory while sampling ({CUDA_OOM}). Fewer images per UNet "
+                        "call lower the peak: --sample-batch-size (now 8; --sample-num-batches keeps the epoch's "
+                        f"samples), or --offload-frozen. {kept}")
+    else:
+        assert line == (f"ddpo.py: stopped at epoch 1: out of memory while training ({CPU_OOM}). Fewer (sample, timestep) "
+                        "pairs per UNet call lower the peak: --train-micro-batch (now 16), or --gradient-checkpointing, "
+                        f"--offload-frozen. {kept}")
+    assert [p.name for p in ddpo.list_checkpoints(run)] == (["epoch_0001"] if saved else [])
+
+
+@slow
+def test_a_stop_after_a_step_the_scaler_skipped_does_not_save_the_epoch(tmp_path, monkeypatch, capsys):
+    """A step that the fp16 scaler skips leaves the weights but moves the scale, the EMA and the step count:
+    a bug after it (epoch 1's second training call) keeps no checkpoint of epoch 1. (The skip is simulated:
+    GradScaler.step returns without stepping on epoch 1's first step.)"""
+    monkeypatch.setattr(torch.amp.GradScaler, "step", failing_call(torch.amp.GradScaler.step, 3, None))
+    monkeypatch.setattr(ddpo, "micro_batch_loss", failing_call(ddpo.micro_batch_loss, 4, ValueError("boom")))
+    run = tmp_path / "run"
+    with pytest.raises(ValueError):
+        ddpo.main([*TWO_STEPS, "--num-epochs", "3", "--ema-decay", "0.9", "--run-dir", str(run)])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "ddpo.py: stopped at epoch 1: ValueError: boom (traceback below). no checkpoint was written"
+    assert ddpo.list_checkpoints(run) == []
+
+
+@slow
+def test_out_of_memory_in_training_before_the_first_update_then_resume_is_exact(tmp_path, monkeypatch):
+    """Out of memory in epoch 1's first training call, after the stat tracker took epoch 1's rewards: the state
+    saved is epoch 1's start (the tracker without them), so --resume auto then ends where a run never stopped
+    does: the same weights, stat tracker and (untimed) metrics. The tracker decides the advantages here
+    (--stat-min-count 1)."""
+    flags = [*TWO_STEPS, "--stat-min-count", "1", "--num-epochs", "3"]
+    ddpo.main([*flags, "--run-dir", str(tmp_path / "straight")])
+    with monkeypatch.context() as patch:
+        patch.setattr(ddpo, "micro_batch_loss", failing_call(ddpo.micro_batch_loss, 3, torch.OutOfMemoryError(CUDA_OOM)))
+        with pytest.raises(SystemExit) as raised:
+            ddpo.main([*flags, "--run-dir", str(tmp_path / "resumed")])
+    assert str(raised.value.code).startswith(f"ddpo.py: stopped at epoch 1: out of memory while training ({CUDA_OOM})")
+    assert str(raised.value.code).endswith(f"latest checkpoint: {tmp_path / 'resumed' / 'checkpoints' / 'epoch_0001'}")
+    ddpo.main([*flags, "--run-dir", str(tmp_path / "resumed"), "--resume", "auto"])
+    final = [tmp_path / run / "checkpoints" / "epoch_0003" for run in ("straight", "resumed")]
+    a, b = (unet_weights(c) for c in final)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    trackers = [torch.load(c / "trainer_state.pt", weights_only=False)["tracker"] for c in final]
+    assert trackers[0] == trackers[1] and sum(map(len, trackers[0]["buffers"].values())) == 3 * 8
+    untimed = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/") and k != "samples_per_s"}
+                            for r in rows]
+    (ea, sa), (eb, sb) = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert [e["epoch"] for e in eb] == [0, 1, 2] and untimed(ea) == untimed(eb) and untimed(sa) == untimed(sb)
+
+
 @slow
 @pytest.mark.parametrize("damaged", ["trainer_state.pt", "unet/diffusion_pytorch_model.safetensors"])
 def test_resume_auto_after_a_damaged_checkpoint_and_a_cut_metrics_line(tmp_path, capsys, damaged):
