@@ -2143,13 +2143,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 def sample_main(argv):
     """python ddpo.py sample --checkpoint DIR: the base model's images (top row) next to the checkpoint's
     (bottom row), from the same prompts and the same noise, with their rewards under the run's reward."""
-    parser = argparse.ArgumentParser(prog="ddpo.py sample", description=sample_main.__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="ddpo.py sample", description=sample_main.__doc__)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint directory of a run")
     parser.add_argument("--prompts", default=None, help="prompt set or file (default: the run's)")
-    parser.add_argument("--num-images", type=int, default=8, help="images per row")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and the noise")
-    parser.add_argument("--out", default=None, help="PNG path (default: <checkpoint>/samples.png)")
+    parser.add_argument("--num-images", type=int, default=8, help="images per row (default: 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and the noise (default: 0)")
+    parser.add_argument("--out", default=None, help="image path (default: <checkpoint>/samples.png)")
     parser.add_argument("--ema", action="store_true", help="render the checkpoint's EMA weights (a run with "
                         "--ema-decay) instead of its trained weights")
     cli = parser.parse_args(argv)
@@ -2167,6 +2166,8 @@ def sample_main(argv):
     args = Args(**{k: v for k, v in json.loads((checkpoint / "config.json").read_text()).items() if k in fields})
     args = dataclasses.replace(args, prompts=cli.prompts or args.prompts, sample_batch_size=cli.num_images,
                                compile=False, gradient_checkpointing=False)
+    if cli.ema and args.ema_decay == 0:
+        fail(f"--ema: the run of {cli.checkpoint!r} kept no EMA (it was trained without --ema-decay)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype, autocast = precision(args, device)
     prompts_all = load_prompts(args.prompts)
@@ -2183,8 +2184,6 @@ def sample_main(argv):
         images = decode_images(pipe.vae, latents[:, -1], autocast)
         return images, score_batch(reward_fn, images, prompts, args.reward)[0]
 
-    if cli.ema and args.ema_decay == 0:
-        fail(f"--ema: the run of {cli.checkpoint!r} kept no EMA (it was trained without --ema-decay)")
     base_images, base_scores = render()
     params = setup_trainable(pipe.unet, args)
     try:

@@ -1326,7 +1326,8 @@ def test_sample_command_checks_its_flags_before_rendering(tmp_path, monkeypatch)
     checkpoint = fake_checkpoint(tmp_path, 1, ddpo.parse_args(["--preset", "tiny"]))
     for argv, message in [(["--num-images", "0"], "--num-images must be >= 1 (got 0)"),
                           (["--out", str(tmp_path / "grid")], "must end in one of .png, .jpg, .jpeg, .webp"),
-                          (["--seed", "-3"], "--seed must be in [0, 2^31) (got -3)")]:
+                          (["--seed", "-3"], "--seed must be in [0, 2^31) (got -3)"),
+                          (["--ema"], "kept no EMA (it was trained without --ema-decay)")]:
         with pytest.raises(SystemExit) as exit_info:
             ddpo.main(["sample", "--checkpoint", str(checkpoint), *argv])
         assert message in str(exit_info.value.code)
