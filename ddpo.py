@@ -1483,6 +1483,9 @@ def score_batch(reward_fn, images, prompts, name, monitor=None):
     except rewards_lib.RewardError:
         raise
     except Exception as e:  # a bug in the reward: show where, then stop cleanly
+        if out_of_memory(e):  # its models share a device with the policy's
+            raise rewards_lib.RewardError(f"reward {name!r} ran out of memory ({rewards_lib.first_line(e)}); "
+                                          "--reward-device puts its models on another device (cuda:N or cpu)") from None
         traceback.print_exc()
         raise rewards_lib.RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from None
     scores, info = result if isinstance(result, tuple) and len(result) == 2 else (result, {})

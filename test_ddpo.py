@@ -1042,6 +1042,9 @@ def wrong_shape(images, prompts):
 def raises(images, prompts):
     raise ValueError("boom")
 
+def out_of_memory(images, prompts):  # as a reward model on the policy's GPU would
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB.\\nmore")
+
 def on_call(n):  # counts this module's reward calls: is this the n-th?
     global calls
     calls += 1
@@ -2301,6 +2304,8 @@ def test_sample_ema_renders_the_checkpoints_ema_weights(tmp_path):
     ("nan_reward", "returned nan for sample 0"),
     ("wrong_shape", "returned scores of shape (32, 1), expected (32,)"),
     ("raises", "raised ValueError: boom"),
+    ("out_of_memory", "ran out of memory (CUDA out of memory. Tried to allocate 1.00 GiB.); --reward-device puts "
+                      "its models on another device (cuda:N or cpu)"),
 ])
 @slow
 def test_a_broken_reward_stops_the_run_with_a_clear_message(user_rewards, name, message, tmp_path):
