@@ -1717,7 +1717,13 @@ class MetricsFile:
                     damaged += 1
             if damaged:
                 log(f"dropped {damaged} damaged line(s) of {path}")
-            path.write_text("".join(line + "\n" for line in keep))
+            tmp = path.with_name(path.name + ".tmp")  # written aside, then renamed: a full disk loses nothing
+            try:
+                tmp.write_text("".join(line + "\n" for line in keep))
+                os.replace(tmp, path)
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                fail(f"could not rewrite {path} for the resumed run ({e.strerror or e}); it is unchanged")
         self.file = open(path, "a")
 
     def write(self, record):

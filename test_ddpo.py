@@ -2838,6 +2838,30 @@ def test_a_full_disk_while_checkpointing_stops_with_one_line_and_keeps_the_previ
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_0001"]  # no half-written .tmp
 
 
+@slow
+def test_a_full_disk_on_resume_leaves_the_metrics_file_as_it_was(tmp_path, monkeypatch):
+    """A resume rewrites metrics.jsonl without the epochs it will redo. On a full disk (here: the file opened,
+    truncated, then nothing fits) that stops in one line, and the file keeps every line it had."""
+    run = tmp_path / "run"
+    ddpo.main([*TINY_QUICK, "--num-epochs", "2", "--run-dir", str(run)])
+    before = (run / "metrics.jsonl").read_bytes()
+    real_write_text = Path.write_text
+
+    def write_text(path, *args, **kwargs):
+        if "metrics.jsonl" in path.name:
+            open(path, "w").close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    with pytest.raises(SystemExit) as exit_info:
+        ddpo.main([*TINY_QUICK, "--num-epochs", "3", "--run-dir", str(run), "--resume", str(run / "checkpoints" / "epoch_0001")])
+    assert str(exit_info.value.code) == (f"ddpo.py: error: could not rewrite {run / 'metrics.jsonl'} for the resumed run "
+                                         "(No space left on device); it is unchanged")
+    assert (run / "metrics.jsonl").read_bytes() == before and before.count(b"reward/mean") == 2
+    assert sorted(p.name for p in run.iterdir() if "metrics" in p.name) == ["metrics.jsonl"]  # no .tmp left
+
+
 # 8 samples an epoch, two optimizer steps of one UNet call each (4 samples x 2 of their 4 steps), no re-score (fp32)
 TWO_STEPS = ["--preset", "tiny", "--image-every", "0", "--save-every", "100", *SMALL_EPOCH, "--train-batch-size", "4"]
 CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB "
