@@ -40,6 +40,7 @@ Run it:
 import argparse
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import math
@@ -1339,8 +1340,8 @@ class Run:
     @contextlib.contextmanager
     def stop_guard(self):
         """Whatever stops the run ends it with a line naming the epoch and the latest checkpoint: one line and a
-        non-zero exit for a reward, divergence, the disk, Ctrl-C, SIGTERM or running out of memory; for any other
-        exception (a bug) the line, then its traceback. Before the epoch's first optimizer step its starting
+        non-zero exit for a reward, divergence, a full disk, Ctrl-C, SIGTERM or running out of memory; for any
+        other exception (a bug) the line, then its traceback. Before the epoch's first optimizer step its starting
         state is saved first, so no finished epoch is lost."""
         previous = signal.signal(signal.SIGTERM, raise_interrupt) if threading.current_thread() is \
             threading.main_thread() else None
@@ -1351,7 +1352,7 @@ class Run:
         except (KeyboardInterrupt, Exception) as e:  # not SystemExit: fail() has said what to fix
             if out_of_memory(e):
                 traceback.clear_frames(e.__traceback__)  # free the failed call's tensors before saving
-            reason = self.stop_reason(e)
+            reason, one_line = self.stop_reason(e)
             if self.epoch is not None and not self.updated and self.epoch > self.saved_epoch:
                 try:
                     self.save(self.epoch, **self.epoch_start)
@@ -1360,12 +1361,13 @@ class Run:
             latest = list_checkpoints(self.run_dir)
             message = f"ddpo.py: stopped at epoch {self.epoch}: {reason}. " + (
                 f"latest checkpoint: {latest[-1]}" if latest else "no checkpoint was written")
-            if isinstance(e, RunStopped) or out_of_memory(e):
+            if isinstance(e, KeyboardInterrupt):
+                print(message, file=sys.stderr)
+                raise SystemExit(143 if str(e) == "SIGTERM" else 130) from None  # 128 + the signal, as shells report
+            if one_line:
                 raise SystemExit(message) from None  # printed to stderr, exit status 1, like fail()
             print(message, file=sys.stderr)
-            if isinstance(e, KeyboardInterrupt):
-                raise SystemExit(143 if str(e) == "SIGTERM" else 130) from None  # 128 + the signal, as shells report
-            raise
+            raise  # a bug: its traceback follows
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
@@ -1376,22 +1378,23 @@ class Run:
                 torch.distributed.destroy_process_group()
 
     def stop_reason(self, error):
-        """What stopped the run, in words. Out of memory: torch's own first line (what was asked, what is free),
-        and the flags that lower the peak of the phase that ran out."""
-        if isinstance(error, RunStopped):
-            return str(error)
-        if isinstance(error, KeyboardInterrupt):
-            return f"interrupted ({str(error) or 'SIGINT'})"
-        if not out_of_memory(error):
-            return f"{type(error).__name__}: {rewards_lib.first_line(error)} (traceback below)"
+        """(what stopped the run, in words; whether that one line says it all, or a traceback must follow: a bug).
+        Out of memory: torch's own first line (what was asked, what is free), and the flags that lower the peak
+        of the phase that ran out."""
         args = self.args
+        if isinstance(error, (RunStopped, KeyboardInterrupt)):
+            return (str(error) if isinstance(error, RunStopped) else f"interrupted ({str(error) or 'SIGINT'})"), True
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):  # metrics, images
+            return f"could not write {error.filename or 'a file'} ({error.strerror})", True
+        if not out_of_memory(error):
+            return f"{type(error).__name__}: {rewards_lib.first_line(error)} (traceback below)", False
         if "rewarded" in self.times and "end" not in self.times:
             return (f"out of memory while training ({rewards_lib.first_line(error)}). Fewer (sample, timestep) pairs "
                     f"per UNet call lower the peak: --train-micro-batch (now {args.train_micro_batch or args.train_batch_size}"
-                    "), or --gradient-checkpointing, --offload-frozen")
+                    "), or --gradient-checkpointing, --offload-frozen"), True
         return (f"out of memory while sampling ({rewards_lib.first_line(error)}). Fewer images per UNet call lower the "
                 f"peak: --sample-batch-size (now {args.sample_batch_size}; --sample-num-batches keeps the epoch's "
-                "samples), or --offload-frozen")
+                "samples), or --offload-frozen"), True
 
 
 def out_of_memory(error):

@@ -2839,6 +2839,27 @@ def test_a_full_disk_while_checkpointing_stops_with_one_line_and_keeps_the_previ
 
 
 @slow
+def test_a_full_disk_while_writing_an_image_grid_stops_with_one_line_and_saves_the_epoch(tmp_path, monkeypatch):
+    """The epoch's image grid (written before training) does not fit: one line naming the file, exit 1, and
+    epoch 1's starting state saved (this test's disk has room for it)."""
+    run = tmp_path / "run"
+    grid = run / "images" / "epoch_0001.png"
+
+    def save_image_grid(path, *args, **kwargs):
+        if Path(path) == grid:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(path, *args, **kwargs)
+
+    real = ddpo.save_image_grid
+    monkeypatch.setattr(ddpo, "save_image_grid", save_image_grid)
+    with pytest.raises(SystemExit) as exit_info:
+        ddpo.main([*TWO_STEPS, "--image-every", "1", "--num-epochs", "3", "--run-dir", str(run)])
+    assert str(exit_info.value.code) == (f"ddpo.py: stopped at epoch 1: could not write {grid} (No space left on "
+                                         f"device). latest checkpoint: {run / 'checkpoints' / 'epoch_0001'}")
+    assert [p.name for p in ddpo.list_checkpoints(run)] == ["epoch_0001"]
+
+
+@slow
 def test_a_full_disk_on_resume_leaves_the_metrics_file_as_it_was(tmp_path, monkeypatch):
     """A resume rewrites metrics.jsonl without the epochs it will redo. On a full disk (here: the file opened,
     truncated, then nothing fits) that stops in one line, and the file keeps every line it had."""
