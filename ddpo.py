@@ -831,18 +831,19 @@ def fail(message):
     raise SystemExit(f"ddpo.py: error: {message}")
 
 
-def load_prompts(spec: str) -> list:
+def load_prompts(spec: str, flag="--prompts") -> list:
+    """A built-in prompt set by name, or a UTF-8 file of one prompt per line; errors name `flag`."""
     if spec in PROMPT_SETS:
         return list(PROMPT_SETS[spec])
     path = Path(spec)
     if not path.is_file():
-        fail(f"--prompts {spec!r} is neither a built-in set ({', '.join(PROMPT_SETS)}) nor an existing file")
+        fail(f"{flag} {spec!r} is neither a built-in set ({', '.join(PROMPT_SETS)}) nor an existing file")
     try:
         prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError as e:
-        fail(f"--prompts {spec!r} is not UTF-8 text ({e.reason} at byte {e.start})")
+        fail(f"{flag} {spec!r} is not UTF-8 text ({e.reason} at byte {e.start})")
     if not prompts:
-        fail(f"prompt file {spec!r} has no prompts (one per line expected)")
+        fail(f"{flag} file {spec!r} has no prompts (one per line expected)")
     return prompts
 
 
@@ -943,7 +944,7 @@ def validate(args: Args):
     if args.run_dir is not None:
         check_run_dir(Path(args.run_dir), fresh=args.resume is None, overwrite=args.overwrite)
     check_trackers(args)
-    prompts = load_prompts(args.prompts) + (load_prompts(args.eval_prompts or HELD_OUT[args.prompts])
+    prompts = load_prompts(args.prompts) + (load_prompts(args.eval_prompts or HELD_OUT[args.prompts], "--eval-prompts")
                                             if args.eval_every else [])
     if "tiny_alignment" in [name for name, _ in rewards_lib.parse_reward_spec(args.reward)]:
         odd = [p for p in prompts if caption_attributes(p) is None]
@@ -1094,11 +1095,12 @@ class Run:
         self.reference = reference_model(self.unet, args) if args.kl_coef > 0 else None
         self.ema = [p.detach().clone() for p in self.params] if args.ema_decay > 0 else None
         self.window, self.flat_group_fraction = timestep_window(args), None
-        self.eval_prompts = load_prompts(args.eval_prompts or HELD_OUT[args.prompts]) if args.eval_every else None
+        self.eval_prompts = load_prompts(args.eval_prompts or HELD_OUT[args.prompts], "--eval-prompts") if args.eval_every else None
         # Tiny runs on the tiny world's captions log every image's alignment and diversity beside the reward
         # (reward_info/alignment, eval/alignment, ...): optimising a reward can cost what the prompt asked for.
         captions = self.prompts + (self.eval_prompts or [])
-        self.monitor = tiny_monitor() if args.model == "tiny" and all(map(caption_attributes, captions)) else None
+        self.monitor = tiny_monitor() if args.model == "tiny" and args.resolution in (None, 32) and \
+            all(map(caption_attributes, captions)) else None  # (its classifier reads the tiny model's 32 px images)
         self.start_epoch, self.global_step = 0, 0
         if state is not None:
             self.restore(checkpoint, state)

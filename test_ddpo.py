@@ -1158,7 +1158,7 @@ def user_rewards(tmp_path, monkeypatch):
     (["--eval-every", "-1"], "--eval-every must be >= 0 (got -1)"),
     (["--wandb", " "], "--wandb needs a project name"),
     (["--eval-every", "5", "--prompts", "LATIN1"], "--eval-every needs --eval-prompts with --prompts"),
-    (["--eval-every", "5", "--eval-prompts", "no_such_set"], "--prompts 'no_such_set' is neither a built-in set"),
+    (["--eval-every", "5", "--eval-prompts", "no_such_set"], "--eval-prompts 'no_such_set' is neither a built-in set"),
     (["--reward", "tiny_alignment", "--prompts", "simple_animals"],
      "--prompts must be tiny-world captions for --reward tiny_alignment ('a red circle on blue'; 'cat' is not one)"),
     (["--reward", "brightness=1,tiny_alignment=1", "--eval-every", "5", "--eval-prompts", "simple_animals"],
@@ -2881,6 +2881,18 @@ def test_a_full_disk_on_resume_leaves_the_metrics_file_as_it_was(tmp_path, monke
                                          "(No space left on device); it is unchanged")
     assert (run / "metrics.jsonl").read_bytes() == before and before.count(b"reward/mean") == 2
     assert sorted(p.name for p in run.iterdir() if "metrics" in p.name) == ["metrics.jsonl"]  # no .tmp left
+
+
+@slow
+def test_a_tiny_run_at_another_resolution_runs_without_the_32px_alignment_monitor(tmp_path):
+    """The tiny world's classifier reads 32x32 images only: at --resolution 24 a tiny run on its captions trains
+    without logging alignment (it stopped, blaming 'tiny_alignment', a reward it was never asked for)."""
+    for resolution, monitored in (("24", False), ("32", True)):
+        run = tmp_path / resolution
+        ddpo.main([*TINY_QUICK, "--num-epochs", "1", "--resolution", resolution, "--run-dir", str(run)])
+        (epoch,), _ = read_metrics(run)
+        assert ("reward_info/alignment" in epoch) == monitored and math.isfinite(epoch["reward/mean"])
+        assert json.loads((run / "config.json").read_text())["resolution_used"] == int(resolution)
 
 
 # 8 samples an epoch, two optimizer steps of one UNet call each (4 samples x 2 of their 4 steps), no re-score (fp32)
