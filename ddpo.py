@@ -537,6 +537,7 @@ def train(args):
             # Reward: every process's prompts and rewards, so that advantages see the global epoch batch.
             all_prompts, rewards, infos = run.gather_rewards(batches)
             run.mark("rewarded")
+            run.save_samples_grid(batches, rewards, infos)  # every --image-every epochs
 
             # Advantages: per group of k samples of a prompt, per prompt over recent epochs, or over the
             # batch; RWR turns them into regression weights. This process keeps its own slice.
@@ -562,7 +563,6 @@ def train(args):
 
             # Train: shuffled (sample, step) pairs of the --train-timesteps window, one AdamW step per
             # train_batch_size * gradient_accumulation_steps samples (DDPO_SF: the whole epoch, on-policy).
-            run.save_samples_grid(batches, rewards, infos)  # every --image-every epochs
             unet.train()
             plans = [training_plan(n, args.num_steps, args.train_batch_size, args.gradient_accumulation_steps,
                                    args.timestep_fraction, args.train_micro_batch or args.train_batch_size,
