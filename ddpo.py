@@ -601,6 +601,11 @@ def main(argv=None):
     except KeyboardInterrupt:  # while loading, before the first epoch (later ones are Run.stop_guard's)
         print("ddpo.py: interrupted while starting; nothing was trained", file=sys.stderr)
         raise SystemExit(130) from None
+    except Exception as e:  # the same, for running out of memory while the models load
+        if not out_of_memory(e):
+            raise
+        fail(f"out of memory while loading the models ({rewards_lib.first_line(e)}). Less to hold: --mixed-precision "
+             "fp16 or bf16 halves the frozen weights, --reward-device puts the reward's models on another device")
 
 
 # ══════════════════════════════════════════════════════════════════════════════════════════════════════

@@ -1185,6 +1185,19 @@ def test_bad_input_fails_in_one_line_before_models_load(argv, message, monkeypat
     assert not (tmp_path / "run").exists()
 
 
+def test_out_of_memory_while_the_models_load_fails_in_one_line(monkeypatch, tmp_path):
+    def load_pipeline(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB.\nmore")
+
+    monkeypatch.setattr(ddpo, "load_pipeline", load_pipeline)
+    with pytest.raises(SystemExit) as exit_info:
+        ddpo.main(["--preset", "tiny", "--run-dir", str(tmp_path / "run")])
+    assert str(exit_info.value.code) == (
+        "ddpo.py: error: out of memory while loading the models (CUDA out of memory. Tried to allocate 20.00 MiB.). "
+        "Less to hold: --mixed-precision fp16 or bf16 halves the frozen weights, --reward-device puts the reward's "
+        "models on another device")
+
+
 def test_a_stable_diffusion_sized_unet_on_the_cpu_is_announced_with_the_reason(monkeypatch):
     """cpu_note: one line when a UNet of over 100M parameters (built on the meta device: no memory) is to run on
     the CPU, naming why: a CPU-only torch build, no CUDA device found, or --device cpu. Nothing for the tiny
