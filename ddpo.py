@@ -1100,7 +1100,8 @@ class Run:
         self.reference = reference_model(self.unet, args) if args.kl_coef > 0 else None
         self.ema = [p.detach().clone() for p in self.params] if args.ema_decay > 0 else None
         self.window, self.flat_group_fraction = timestep_window(args), None
-        self.eval_prompts = load_prompts(args.eval_prompts or HELD_OUT[args.prompts], "--eval-prompts") if args.eval_every else None
+        self.eval_prompts = load_prompts(args.eval_prompts or HELD_OUT[args.prompts], "--eval-prompts") \
+            if args.eval_every else None
         # Tiny runs on the tiny world's captions log every image's alignment and diversity beside the reward
         # (reward_info/alignment, eval/alignment, ...): optimising a reward can cost what the prompt asked for.
         captions = self.prompts + (self.eval_prompts or [])
@@ -1124,7 +1125,8 @@ class Run:
         self.trackers.start(self.global_step, self.metrics.records)  # --tensorboard
         self.metrics.mirror = self.trackers.log  # every record from here on, to W&B and TensorBoard
         self.reward_worker = RewardWorker(self.reward_fn, args.reward, self.monitor, one_thread=device.type == "cpu")
-        self.saved_epoch, self.epoch, self.updated, self.epoch_start, self.times = self.start_epoch, None, False, None, {}
+        self.saved_epoch, self.epoch, self.updated = self.start_epoch, None, False
+        self.epoch_start, self.times = None, {}
         self.warned_ratio = False
         self.log(f"ddpo: {args.model} | reward {args.reward} | {args.sample_batch_size * args.sample_num_batches} "
                  f"samples/epoch x {self.world} process(es) | {args.num_epochs} epochs | "
@@ -1395,13 +1397,13 @@ class Run:
             return f"could not write {error.filename or 'a file'} ({error.strerror})", True
         if not out_of_memory(error):
             return f"{type(error).__name__}: {rewards_lib.first_line(error)} (traceback below)", False
+        why, micro = rewards_lib.first_line(error), args.train_micro_batch or args.train_batch_size
         if "rewarded" in self.times and "end" not in self.times:
-            return (f"out of memory while training ({rewards_lib.first_line(error)}). Fewer (sample, timestep) pairs "
-                    f"per UNet call lower the peak: --train-micro-batch (now {args.train_micro_batch or args.train_batch_size}"
-                    "), or --gradient-checkpointing, --offload-frozen"), True
-        return (f"out of memory while sampling ({rewards_lib.first_line(error)}). Fewer images per UNet call lower the "
-                f"peak: --sample-batch-size (now {args.sample_batch_size}; --sample-num-batches keeps the epoch's "
-                "samples), or --offload-frozen"), True
+            return (f"out of memory while training ({why}). Fewer (sample, timestep) pairs per UNet call lower the "
+                    f"peak: --train-micro-batch (now {micro}), or --gradient-checkpointing, --offload-frozen"), True
+        return (f"out of memory while sampling ({why}). Fewer images per UNet call lower the peak: --sample-batch-size "
+                f"(now {args.sample_batch_size}; --sample-num-batches keeps the epoch's samples), or "
+                "--offload-frozen"), True
 
 
 def out_of_memory(error):
