@@ -1126,7 +1126,7 @@ class Run:
         self.metrics.mirror = self.trackers.log  # every record from here on, to W&B and TensorBoard
         self.reward_worker = RewardWorker(self.reward_fn, args.reward, self.monitor, one_thread=device.type == "cpu")
         self.saved_epoch, self.epoch, self.updated = self.start_epoch, None, False
-        self.epoch_start, self.times = None, {}
+        self.epoch_start, self.times, self.epoch_seconds = None, {}, deque(maxlen=5)
         self.warned_ratio = False
         self.log(f"ddpo: {args.model} | reward {args.reward} | {args.sample_batch_size * args.sample_num_batches} "
                  f"samples/epoch x {self.world} process(es) | {args.num_epochs} epochs | "
@@ -1324,9 +1324,12 @@ class Run:
         self.metrics.write(record)
         shown = {"align {:+.2f}": "reward_info/alignment", "kl {:.2e}": "train/approx_kl_epoch_mean", "clipfrac {:.3f}": "train/clipfrac_epoch_mean",
                  "kl_ref {:.2e}": "train/kl_ref_epoch_mean", "ratio-1 on-policy {:.1e}": "train/ratio_dev_onpolicy"}
+        self.epoch_seconds.append(record["time/epoch_s"])
+        left = args.num_epochs - epoch - 1  # the median of the last 5 epochs: the first may compile, some evaluate
+        eta = [f"eta {duration_text(left * float(np.median(self.epoch_seconds)))}"] if left else []
         self.log(" | ".join([f"epoch {epoch:4d}", f"reward {record['reward/mean']:+.4f} ± {record['reward/std']:.4f}",
                              *[f.format(record[k]) for f, k in shown.items() if record.get(k) is not None],
-                             f"{record['time/epoch_s']:.1f}s"]))
+                             f"{record['time/epoch_s']:.1f}s", *eta]))
         if args.method == "ddpo_is" and self.ratio_dev_onpolicy > 0.1 * args.clip_range and not self.warned_ratio:
             self.warned_ratio = True
             self.log(f"warning: on-policy |ratio - 1| = {self.ratio_dev_onpolicy:.2e} exceeds 0.1 x --clip-range "
@@ -1410,6 +1413,16 @@ def out_of_memory(error):
     """torch's out-of-memory error (CUDA), its CPU allocator's (a RuntimeError), or Python's MemoryError."""
     return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
         isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error))
+
+
+def duration_text(seconds):
+    """45 -> '45s', 192 -> '3m12s', 3840 -> '1h04m': a run's remaining time at a glance."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def mean_of_numbers(values):

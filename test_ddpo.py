@@ -333,6 +333,11 @@ def test_curves_png_draws_the_logged_series(tmp_path):
     assert line[2 * H:, W:].any()
 
 
+def test_duration_text_hand_values():
+    assert [ddpo.duration_text(s) for s in (0, 44.6, 59.4, 60, 192, 3599, 3600, 3840, 90061)] == \
+        ["0s", "45s", "59s", "1m00s", "3m12s", "59m59s", "1h00m", "1h04m", "25h01m"]
+
+
 def test_image_grid_wraps_whole_captions_and_shows_the_reward(tmp_path):
     import textwrap
 
@@ -2906,6 +2911,18 @@ def test_a_tiny_run_at_another_resolution_runs_without_the_32px_alignment_monito
         (epoch,), _ = read_metrics(run)
         assert ("reward_info/alignment" in epoch) == monitored and math.isfinite(epoch["reward/mean"])
         assert json.loads((run / "config.json").read_text())["resolution_used"] == int(resolution)
+
+
+@slow
+def test_each_epoch_line_ends_with_the_time_left_at_the_median_epoch_time(tmp_path, capsys):
+    """eta = epochs left x the median time of the last 5 epochs (from metrics.jsonl); the last epoch has none."""
+    run = tmp_path / "run"
+    ddpo.main([*TINY_QUICK, "--save-every", "100", "--num-epochs", "7", "--run-dir", str(run)])
+    lines = [line for line in capsys.readouterr().out.splitlines() if re.match(r"epoch +\d+ \|", line)]
+    seconds = [r["time/epoch_s"] for r in read_metrics(run)[0]]
+    assert len(lines) == len(seconds) == 7 and " eta " not in lines[-1]
+    for k, line in enumerate(lines[:-1]):
+        assert line.endswith(f"s | eta {ddpo.duration_text((6 - k) * np.median(seconds[max(0, k - 4):k + 1]))}"), line
 
 
 # 8 samples an epoch, two optimizer steps of one UNet call each (4 samples x 2 of their 4 steps), no re-score (fp32)
