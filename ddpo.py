@@ -1368,8 +1368,10 @@ class Run:
             if self.epoch is not None and not self.updated and self.epoch > self.saved_epoch:
                 try:
                     self.save(self.epoch, **self.epoch_start)
-                except RunStopped as save_error:
+                except RunStopped as save_error:  # the disk
                     reason += f"; {save_error}"
+                except Exception as save_error:  # e.g. a device left unusable by what stopped the run
+                    reason += f"; its starting state could not be saved ({rewards_lib.first_line(save_error)})"
             latest = list_checkpoints(self.run_dir)
             message = f"ddpo.py: stopped at epoch {self.epoch}: {reason}. " + (
                 f"latest checkpoint: {latest[-1]}" if latest else "no checkpoint was written")
@@ -1625,9 +1627,11 @@ def save_checkpoint(run_dir, next_epoch, unet, state, args, log=print):
         (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-    except OSError as e:  # disk full, quota, permissions: say so, keep the previous checkpoint
+    except BaseException as e:  # nothing half-written stays; the previous checkpoint is kept
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RunStopped(f"could not write checkpoint {final} ({e.strerror or e})") from None
+        if isinstance(e, OSError):  # disk full, quota, permissions: say so
+            raise RunStopped(f"could not write checkpoint {final} ({e.strerror or e})") from None
+        raise
     for old in list_checkpoints(run_dir)[:-args.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     log(f"saved checkpoint {final}")

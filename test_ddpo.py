@@ -2984,6 +2984,22 @@ def test_out_of_memory_and_bugs_stop_the_run_and_keep_the_epoch_when_its_weights
 
 
 @slow
+def test_a_stop_whose_save_fails_too_still_ends_in_its_line_and_leaves_nothing_half_written(tmp_path, monkeypatch,
+                                                                                               capsys):
+    """A bug in epoch 1's sampling, and then the save of epoch 1's start fails with something other than the disk
+    (as on a device left unusable): the line still comes, naming both, and no half-written checkpoint stays."""
+    monkeypatch.setattr(ddpo, "sample_trajectories", failing_call(ddpo.sample_trajectories, 2, ValueError("boom")))
+    monkeypatch.setattr(torch, "save", failing_call(torch.save, 1, RuntimeError("CUDA error: an illegal memory access")))
+    run = tmp_path / "run"
+    with pytest.raises(ValueError):
+        ddpo.main([*TWO_STEPS, "--num-epochs", "3", "--run-dir", str(run)])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "ddpo.py: stopped at epoch 1: ValueError: boom (traceback below); its starting state could not be saved "
+        "(CUDA error: an illegal memory access). no checkpoint was written")
+    assert list((run / "checkpoints").iterdir()) == []
+
+
+@slow
 def test_a_stop_after_a_step_the_scaler_skipped_does_not_save_the_epoch(tmp_path, monkeypatch, capsys):
     """A step that the fp16 scaler skips leaves the weights but moves the scale, the EMA and the step count:
     a bug after it (epoch 1's second training call) keeps no checkpoint of epoch 1. (The skip is simulated:
