@@ -647,7 +647,9 @@ class Args:
                            "11.7 -> 10.0 GB")
     device: str = arg("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
     fused_kernel: str = arg("auto", "auto | on | off: the Triton kernels of kernels.py for the training step's "
-                            "log-prob (auto = on for CUDA; on CPU tensors 'on' needs TRITON_INTERPRET=1, for tests)")
+                            "log-prob, checked at the start on one small call against the PyTorch reference (auto = "
+                            "on for CUDA if that passes, else the reference with a note; 'on' stops if it fails; on "
+                            "CPU tensors 'on' needs TRITON_INTERPRET=1, for tests)")
     # task
     reward: str = arg("jpeg_compressibility", "a reward of rewards.REWARDS (jpeg_compressibility, "
                       "jpeg_incompressibility, aesthetic, llava_bertscore, brightness, darkness), your own "
@@ -1039,8 +1041,6 @@ class Run:
         self.device = device
         if args.fused_kernel == "on" and not (device.type == "cuda" or kernels.triton_interpreter_on()):
             fail("--fused-kernel on needs a CUDA device, or TRITON_INTERPRET=1 to run the kernels on the CPU")
-        # auto: on GPUs only. The interpreter runs them on the CPU, correctly but far slower: for tests.
-        self.fused = args.fused_kernel == "on" or (args.fused_kernel == "auto" and device.type == "cuda")
         # TF32 moves what enters the ratio by about the clip range (README): off unless asked for.
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
         self.exact_ratio = args.exact_ratio == "on" or (
@@ -1112,6 +1112,9 @@ class Run:
             self.restore(checkpoint, state)
         self.latent_shape = latent_shape_of(pipe, args.resolution)
         pipe.scheduler.set_timesteps(args.num_steps, device=device)
+        # --fused-kernel: Triton compiles the kernels now (it needs a C compiler), not after the first sampling
+        self.fused = use_fused_kernels(args.fused_kernel, device, self.log, lambda: fused_kernel_problem(
+            pipe.scheduler, self.latent_shape, args.guidance_scale, args.eta, device))
         self.timer = ModelTimer(device)
         warn_truncated_prompts(pipe.tokenizer, self.prompts, self.log)
         self.uncond_embeds = self.encode([""])  # (1, L, D), the empty prompt of CFG
@@ -2043,6 +2046,43 @@ def select_unet_kernels(unet, device):
 
         unet.to(memory_format=torch.channels_last)
         unet.set_attn_processor(AttnProcessor())
+
+
+def use_fused_kernels(setting, device, log, problem):
+    """--fused-kernel: 'off'; 'on' (CUDA, or the Triton interpreter on the CPU: for tests), which stops in one
+    line if problem() finds that the kernels do not work here; 'auto': on for CUDA devices where they work, else
+    the PyTorch reference (the same math, slower), with a note. problem() -> '' or why not."""
+    if setting == "off" or (setting == "auto" and device.type != "cuda"):
+        return False
+    why = problem()
+    if why and setting == "on":
+        fail(f"--fused-kernel on: the Triton kernels do not work here ({why})")
+    if why:
+        log(f"note: the fused Triton kernels do not work here ({why}); training computes log p with the PyTorch "
+            "reference instead (the same math, slower). --fused-kernel off skips this check")
+    return not why
+
+
+def fused_kernel_problem(scheduler, latent_shape, guidance_scale, eta, device):
+    """'' if the fused kernels run on `device` and agree with the PyTorch reference on one small call (two
+    samples at the first and last timesteps, log p and its gradients), else why not, in one line. Triton
+    compiles each kernel at its first call, which needs a C compiler (CC) and a GPU that Triton supports."""
+    g = torch.Generator().manual_seed(0)
+    cond, uncond, x, x_prev = (torch.randn(2, *latent_shape, generator=g).to(device) for _ in range(4))
+    t, old = scheduler.timesteps[[0, -1]], torch.zeros(2, device=device)
+    try:
+        results = []
+        for fused in (True, False):
+            eps_cond = cond.clone().requires_grad_()
+            eps_uncond = uncond.clone().requires_grad_() if guidance_scale > 1 else None  # as micro_batch_loss
+            log_prob, _ = kernels.ddim_logprob_ratio(scheduler, eps_cond, eps_uncond, guidance_scale, t, x, x_prev,
+                                                     old, eta=eta, fused=fused)
+            inputs = [e for e in (eps_cond, eps_uncond) if e is not None]
+            results.append([log_prob, *torch.autograd.grad(log_prob.sum(), inputs)])
+    except Exception as e:
+        return f"{type(e).__name__}: {rewards_lib.first_line(e)}"
+    worst = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(*results))
+    return "" if worst < 1e-3 else f"they differ from the PyTorch reference by {worst:.1e} of its scale"
 
 
 COMPILED_BLOCKS = ("ResnetBlock2D", "BasicTransformerBlock")  # --compile's regions: nearly all of the UNet's FLOPs

@@ -593,6 +593,52 @@ def test_aot_compiles_for_a100_and_h100_without_spills(arch):
             assert r["atomics"] == ["@%p atom.global.gpu.acq_rel.add.u32"], r["atomics"]
 
 
+def probe_scheduler():
+    scheduler = DDIMScheduler(prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    scheduler.set_timesteps(10)
+    return scheduler
+
+
+COMPILER_MISSING = "Failed to find C compiler. Please specify via CC environment variable."  # Triton's, verbatim
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 5.0], ids=["no-cfg", "cfg"])
+def test_the_fused_kernel_probe_passes_working_kernels_and_names_what_breaks(guidance_scale, monkeypatch):
+    """fused_kernel_problem, run before training: '' for the kernels (the interpreter here); a Triton that cannot
+    compile (its own error, raised at the first launch) or kernels that compute something else (one coefficient
+    of the table 1% off) are named in one line."""
+    probe = functools.partial(ddpo.fused_kernel_problem, probe_scheduler(), (4, 8, 8), guidance_scale, 1.0,
+                              torch.device("cpu"))
+    assert probe() == ""
+    with monkeypatch.context() as patch:
+        table = kernels.coefficient_table
+        patch.setattr(kernels, "coefficient_table", lambda *a: table(*a) * torch.tensor([1, 1.01, 1, 1, 1]))
+        assert probe() == "they differ from the PyTorch reference by 1.0e-02 of its scale"  # the gradients' 1%
+    monkeypatch.setattr(kernels, "fused_forward", failing_call(kernels.fused_forward, 1, RuntimeError(COMPILER_MISSING)))
+    assert probe() == f"RuntimeError: {COMPILER_MISSING}"
+
+
+def test_fused_kernel_auto_falls_back_with_a_note_and_on_stops_in_one_line():
+    """auto: on for CUDA devices when the probe finds nothing, else the reference and one note; on: stops; off,
+    and auto on the CPU, do not probe at all."""
+    cuda, cpu, lines = torch.device("cuda"), torch.device("cpu"), []
+    broken, working = (lambda: f"RuntimeError: {COMPILER_MISSING}"), (lambda: "")
+    assert ddpo.use_fused_kernels("auto", cuda, lines.append, working) is True and lines == []
+    assert ddpo.use_fused_kernels("auto", cuda, lines.append, broken) is False
+    assert lines == [f"note: the fused Triton kernels do not work here (RuntimeError: {COMPILER_MISSING}); training "
+                     "computes log p with the PyTorch reference instead (the same math, slower). --fused-kernel off "
+                     "skips this check"]
+    with pytest.raises(SystemExit) as exit_info:
+        ddpo.use_fused_kernels("on", cpu, lines.append, broken)
+    assert str(exit_info.value.code) == ("ddpo.py: error: --fused-kernel on: the Triton kernels do not work here "
+                                         f"(RuntimeError: {COMPILER_MISSING})")
+    unused = lambda: pytest.fail("probed")
+    assert ddpo.use_fused_kernels("off", cuda, lines.append, unused) is False
+    assert ddpo.use_fused_kernels("auto", cpu, lines.append, unused) is False
+    assert ddpo.use_fused_kernels("on", cpu, lines.append, working) is True and len(lines) == 1
+
+
 def test_launch_split_covers_every_element_with_few_programs():
     """launch_split's plain integer arithmetic (host cost: it runs on every call) against a direct search:
     S is the power of two min(64, >= TARGET_PROGRAMS / B, >= the number of BLOCKs), CHUNK the fewest whole
@@ -2923,6 +2969,17 @@ def test_each_epoch_line_ends_with_the_time_left_at_the_median_epoch_time(tmp_pa
     assert len(lines) == len(seconds) == 7 and " eta " not in lines[-1]
     for k, line in enumerate(lines[:-1]):
         assert line.endswith(f"s | eta {ddpo.duration_text((6 - k) * np.median(seconds[max(0, k - 4):k + 1]))}"), line
+
+
+@slow
+def test_fused_kernel_on_that_cannot_compile_stops_before_the_first_epoch(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "fused_forward", failing_call(kernels.fused_forward, 1, RuntimeError(COMPILER_MISSING)))
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        ddpo.main([*TINY_QUICK, "--fused-kernel", "on", "--num-epochs", "2", "--run-dir", str(run)])
+    assert str(exit_info.value.code) == ("ddpo.py: error: --fused-kernel on: the Triton kernels do not work here "
+                                         f"(RuntimeError: {COMPILER_MISSING})")
+    assert not (run / "metrics.jsonl").exists()
 
 
 # 8 samples an epoch, two optimizer steps of one UNet call each (4 samples x 2 of their 4 steps), no re-score (fp32)
