@@ -1041,6 +1041,10 @@ class Run:
         self.device = device
         if args.fused_kernel == "on" and not (device.type == "cuda" or kernels.triton_interpreter_on()):
             fail("--fused-kernel on needs a CUDA device, or TRITON_INTERPRET=1 to run the kernels on the CPU")
+        problem = compile_problem(device) if args.compile else ""  # now, not at the first epoch's first UNet call
+        if problem:
+            fail(f"--compile: torch.compile does not work here ({problem}); without --compile the run does the "
+                 "same math")
         # TF32 moves what enters the ratio by about the clip range (README): off unless asked for.
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
         self.exact_ratio = args.exact_ratio == "on" or (
@@ -2046,6 +2050,19 @@ def select_unet_kernels(unet, device):
 
         unet.to(memory_format=torch.channels_last)
         unet.set_attn_processor(AttnProcessor())
+
+
+def compile_problem(device):
+    """'' if torch.compile compiles and runs a small function on `device` as eager does, else why not, in one
+    line (its default backend, inductor, needs a C++ compiler for CPU code, and Triton, which needs a C compiler,
+    for GPU code)."""
+    x = torch.arange(8.0, device=device)
+    try:
+        same = torch.equal(torch.compile(lambda v: v * 2 + 1)(x), x * 2 + 1)
+    except Exception as e:
+        e = getattr(e, "inner_exception", None) or e  # dynamo wraps its backend's own error (InductorError)
+        return f"{type(e).__name__}: {rewards_lib.first_line(e)}"
+    return "" if same else "a compiled function's result differs from eager's"
 
 
 def use_fused_kernels(setting, device, log, problem):

@@ -619,6 +619,27 @@ def test_the_fused_kernel_probe_passes_working_kernels_and_names_what_breaks(gui
     assert probe() == f"RuntimeError: {COMPILER_MISSING}"
 
 
+def test_compile_that_cannot_work_here_fails_in_one_line_before_models_load(monkeypatch, tmp_path):
+    """--compile checks torch.compile on a small function first: here it fails as Triton does without a C compiler,
+    wrapped as dynamo wraps its backend's errors (InductorError and BackendCompilerFailed carry the original as
+    inner_exception); the line names the original."""
+    class InductorError(RuntimeError):
+        inner_exception = RuntimeError(COMPILER_MISSING)
+
+    def compile(fn, *args, **kwargs):
+        def compiled(*a):
+            raise InductorError(f"RuntimeError: {COMPILER_MISSING}\n\nSet TORCHDYNAMO_VERBOSE=1 for the internal stack trace")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile)
+    monkeypatch.setattr(ddpo, "load_pipeline", lambda *a, **k: pytest.fail("models loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        ddpo.main(["--preset", "tiny", "--compile", "--run-dir", str(tmp_path / "run")])
+    assert str(exit_info.value.code) == ("ddpo.py: error: --compile: torch.compile does not work here (RuntimeError: "
+                                         f"{COMPILER_MISSING}); without --compile the run does the same math")
+    assert ddpo.compile_problem(torch.device("cpu")).startswith("RuntimeError")
+
+
 def test_fused_kernel_auto_falls_back_with_a_note_and_on_stops_in_one_line():
     """auto: on for CUDA devices when the probe finds nothing, else the reference and one note; on: stops; off,
     and auto on the CPU, do not probe at all."""
