@@ -1510,8 +1510,15 @@ class RewardWorker:
 def score_batch(reward_fn, images, prompts, name, monitor=None):
     """One batch through the reward: (scores float32 (B,), info), the contract checked for the scores and
     for every extra (a list of B numbers or strings, numbers finite). Any failure becomes a RewardError
-    naming the reward, so the loop can keep its checkpoint. `monitor(images, prompts)` (tiny runs: see
-    tiny_monitor) adds its own per-image numbers to info."""
+    naming the reward, so the loop can keep its checkpoint (images holding NaN are refused first, so that the
+    sampling, not the reward, is blamed). `monitor(images, prompts)` (tiny runs: see tiny_monitor) adds its own
+    per-image numbers to info."""
+    broken = (~torch.isfinite(images.flatten(1))).any(1).nonzero().flatten().tolist()  # before the reward sees them
+    if broken:
+        raise rewards_lib.RewardError(
+            f"sampling produced images with NaN or inf ({len(broken)} of {len(images)}, the first for prompt "
+            f"{prompts[broken[0]]!r}), before reward {name!r} scored them: the UNet's outputs overflowed (fp16's range "
+            "ends at 65504: try --mixed-precision bf16) or the model diverged (lower --learning-rate)")
     try:
         result = reward_fn(images, prompts)
     except rewards_lib.RewardError:

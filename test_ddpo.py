@@ -3062,6 +3062,33 @@ def test_out_of_memory_and_bugs_stop_the_run_and_keep_the_epoch_when_its_weights
 
 
 @slow
+def test_images_with_nan_stop_the_run_blaming_the_sampling_not_the_reward(tmp_path, monkeypatch):
+    """Epoch 1's sampling decodes to NaN in 3 of its 8 images (as an fp16 overflow in the UNet would; the VAE's
+    clamp to [0, 1] keeps NaN): one line that blames the sampling and names the remedies, and epoch 1's start
+    saved. (The JPEG reward would have scored such images, rounded to black, as very compressible.)"""
+    real_decode = ddpo.decode_images
+    calls = []
+
+    def decode_images(*args, **kwargs):
+        images = real_decode(*args, **kwargs)
+        calls.append(None)
+        if len(calls) == 2:
+            images[[1, 4, 6], 0, 3, 5] = float("nan")
+        return images
+
+    monkeypatch.setattr(ddpo, "decode_images", decode_images)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        ddpo.main([*TWO_STEPS, "--num-epochs", "3", "--run-dir", str(run)])
+    text = str(exit_info.value.code)
+    assert re.fullmatch(r"ddpo.py: stopped at epoch 1: sampling produced images with NaN or inf \(3 of 8, the first for "
+                        r"prompt '[a-z ]+'\), before reward 'jpeg_compressibility' scored them: the UNet's outputs "
+                        r"overflowed \(fp16's range ends at 65504: try --mixed-precision bf16\) or the model diverged "
+                        r"\(lower --learning-rate\)\. latest checkpoint: .*epoch_0001", text), text
+    assert [p.name for p in ddpo.list_checkpoints(run)] == ["epoch_0001"]
+
+
+@slow
 def test_a_stop_whose_save_fails_too_still_ends_in_its_line_and_leaves_nothing_half_written(tmp_path, monkeypatch,
                                                                                                capsys):
     """A bug in epoch 1's sampling, and then the save of epoch 1's start fails with something other than the disk
