@@ -3065,7 +3065,7 @@ def test_out_of_memory_and_bugs_stop_the_run_and_keep_the_epoch_when_its_weights
 def test_images_with_nan_stop_the_run_blaming_the_sampling_not_the_reward(tmp_path, monkeypatch):
     """Epoch 1's sampling decodes to NaN in 3 of its 8 images (as an fp16 overflow in the UNet would; the VAE's
     clamp to [0, 1] keeps NaN): one line that blames the sampling and names the remedies, and epoch 1's start
-    saved. (The JPEG reward would have scored such images, rounded to black, as very compressible.)"""
+    saved. (The JPEG reward would score such images as flat black ones: the most compressible kind.)"""
     real_decode = ddpo.decode_images
     calls = []
 
@@ -3086,6 +3086,8 @@ def test_images_with_nan_stop_the_run_blaming_the_sampling_not_the_reward(tmp_pa
                         r"overflowed \(fp16's range ends at 65504: try --mixed-precision bf16\) or the model diverged "
                         r"\(lower --learning-rate\)\. latest checkpoint: .*epoch_0001", text), text
     assert [p.name for p in ddpo.list_checkpoints(run)] == ["epoch_0001"]
+    nan, black = torch.full((1, 3, 32, 32), float("nan")), torch.zeros(1, 3, 32, 32)  # what the JPEG reward sees
+    assert rewards.jpeg_compressibility(nan, ["a"])[0].item() == rewards.jpeg_compressibility(black, ["a"])[0].item()
 
 
 @slow
