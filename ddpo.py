@@ -2284,7 +2284,10 @@ def sample_main(argv):
         latents, _ = sample_trajectories(pipe.unet, pipe.scheduler, embeds, uncond, latent_shape, args.guidance_scale,
                                          args.eta, torch.Generator(device).manual_seed(cli.seed), autocast)
         images = decode_images(pipe.vae, latents[:, -1], autocast)
-        return images, score_batch(reward_fn, images, prompts, args.reward)[0]
+        try:
+            return images, score_batch(reward_fn, images, prompts, args.reward)[0]
+        except rewards_lib.RewardError as e:
+            fail(str(e))
 
     base_images, base_scores = render()
     params = setup_trainable(pipe.unet, args)

@@ -2324,7 +2324,7 @@ def test_offload_frozen_moves_vae_and_text_encoder_only_for_their_calls(tmp_path
 
 
 @slow
-def test_sample_command_renders_base_and_checkpoint_from_the_same_noise(tiny_run, tmp_path):
+def test_sample_command_renders_base_and_checkpoint_from_the_same_noise(tiny_run, tmp_path, monkeypatch):
     """The base row and the checkpoint row equal diffusers' own pipeline (before and after
     load_lora_weights) run with the same prompts, seed, steps, eta and guidance: a second sampler."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -2356,6 +2356,11 @@ def test_sample_command_renders_base_and_checkpoint_from_the_same_noise(tiny_run
         ddpo.main(["sample", "--checkpoint", str(tmp_path)])
     with pytest.raises(SystemExit, match="kept no EMA"):
         ddpo.main(["sample", "--checkpoint", str(checkpoint), "--ema"])
+    real_decode = ddpo.decode_images
+    with monkeypatch.context() as patch:  # a reward's refusal is one line here too
+        patch.setattr(ddpo, "decode_images", lambda *a: real_decode(*a) * float("nan"))
+        with pytest.raises(SystemExit, match=r"^ddpo.py: error: sampling produced images with NaN or inf \(3 of 3,"):
+            ddpo.main(["sample", "--checkpoint", str(checkpoint), "--num-images", "3"])
 
 
 @slow
