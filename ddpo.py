@@ -2089,23 +2089,19 @@ def use_fused_kernels(setting, device, log, problem):
 
 def fused_kernel_problem(scheduler, latent_shape, guidance_scale, eta, device):
     """'' if the fused kernels run on `device` and agree with the PyTorch reference on one small call (two
-    samples at the first and last timesteps, log p and its gradients), else why not, in one line. Triton
-    compiles each kernel at its first call, which needs a C compiler (CC) and a GPU that Triton supports."""
+    samples at the first and last timesteps: log p, the ratio and their gradients), else why not, in one line.
+    Triton compiles each kernel at its first call, which needs a C compiler (CC) and a GPU that Triton supports."""
     g = torch.Generator().manual_seed(0)
     cond, uncond, x, x_prev = (torch.randn(2, *latent_shape, generator=g).to(device) for _ in range(4))
-    t, old = scheduler.timesteps[[0, -1]], torch.zeros(2, device=device)
+    uncond = uncond.requires_grad_() if guidance_scale > 1 else None  # as micro_batch_loss calls it
     try:
-        results = []
-        for fused in (True, False):
-            eps_cond = cond.clone().requires_grad_()
-            eps_uncond = uncond.clone().requires_grad_() if guidance_scale > 1 else None  # as micro_batch_loss
-            log_prob, _ = kernels.ddim_logprob_ratio(scheduler, eps_cond, eps_uncond, guidance_scale, t, x, x_prev,
-                                                     old, eta=eta, fused=fused)
-            inputs = [e for e in (eps_cond, eps_uncond) if e is not None]
-            results.append([log_prob, *torch.autograd.grad(log_prob.sum(), inputs)])
+        results = kernels.fused_minus_reference(scheduler, cond.requires_grad_(), uncond, guidance_scale,
+                                                scheduler.timesteps[[0, -1]], x, x_prev, torch.zeros(2, device=device),
+                                                eta=eta)
     except Exception as e:
         return f"{type(e).__name__}: {rewards_lib.first_line(e)}"
-    worst = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(*results))
+    # relative to the reference's scale; a ratio can underflow to 0 in both (no difference, then)
+    worst = max(diff / scale if scale else (math.inf if diff else 0.0) for _, diff, scale in results)
     return "" if worst < 1e-3 else f"they differ from the PyTorch reference by {worst:.1e} of its scale"
 
 

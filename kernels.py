@@ -546,6 +546,21 @@ def misaligned(t):
     return buffer[1:].view(t.shape).copy_(t).requires_grad_(t.requires_grad)
 
 
+def fused_minus_reference(scheduler, cond, uncond, guidance_scale, timestep, sample, prev_sample, old_log_prob,
+                          eta=1.0):
+    """The kernels against the PyTorch reference on one call: [(name, max |fused - reference|, max |reference|)]
+    for log p, the ratio, and the gradients of log p + ratio with respect to each noise prediction (cond and
+    uncond, or None without CFG, must require grad)."""
+    predictions = [e for e in (cond, uncond) if e is not None]
+    results = []
+    for fused in (True, False):
+        logp, ratio = ddim_logprob_ratio(scheduler, cond, uncond, guidance_scale, timestep, sample, prev_sample,
+                                         old_log_prob, eta=eta, fused=fused)
+        results.append((logp, ratio, *torch.autograd.grad((logp + ratio).sum(), predictions)))
+    return [(name, (a - b).abs().max().item(), b.abs().max().item())
+            for name, a, b in zip(("log p", "ratio", "d eps_c", "d eps_u"), *results)]
+
+
 def check(device, N):
     """Fused vs reference at an SD shape, forward and gradients, on aligned inputs and on inputs off a
     16-byte boundary (for which Triton compiles another variant of each kernel)."""
@@ -553,16 +568,10 @@ def check(device, N):
     for label in ("aligned", "misaligned"):
         if label == "misaligned":
             cond, uncond, x_t, x_prev = map(misaligned, (cond, uncond, x_t, x_prev))
-        results = {}
-        for fused in (True, False):
-            logp, ratio = ddim_logprob_ratio(scheduler, cond, uncond, 5.0, t, x_t, x_prev, old, fused=fused)
-            results[fused] = (logp, ratio, *torch.autograd.grad((logp + ratio).sum(), (cond, uncond)))
-        diffs = ", ".join(f"{(a - b).abs().max().item():.2e} ({name})" for name, a, b in
-                          zip(("log p", "ratio", "d eps_c", "d eps_u"), results[True], results[False]))
-        print(f"  check {label}: max |fused - reference| = {diffs}")
-    scales = ", ".join(f"{r.abs().max().item():.2e} ({name})" for name, r in
-                       zip(("log p", "ratio", "d eps_c", "d eps_u"), results[False]))
-    print(f"  (scales: {scales})")
+        results = fused_minus_reference(scheduler, cond, uncond, 5.0, t, x_t, x_prev, old)
+        print(f"  check {label}: max |fused - reference| = "
+              + ", ".join(f"{diff:.2e} ({name})" for name, diff, _ in results))
+    print("  (scales: " + ", ".join(f"{scale:.2e} ({name})" for name, _, scale in results) + ")")
 
 
 def main():

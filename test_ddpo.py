@@ -611,6 +611,8 @@ def test_the_fused_kernel_probe_passes_working_kernels_and_names_what_breaks(gui
     probe = functools.partial(ddpo.fused_kernel_problem, probe_scheduler(), (4, 8, 8), guidance_scale, 1.0,
                               torch.device("cpu"))
     assert probe() == ""
+    # at eta 0.01 log p is about -2e7, so both ratios underflow to 0: no difference, not a division by zero
+    assert ddpo.fused_kernel_problem(probe_scheduler(), (4, 8, 8), guidance_scale, 0.01, torch.device("cpu")) == ""
     with monkeypatch.context() as patch:
         table = kernels.coefficient_table
         patch.setattr(kernels, "coefficient_table", lambda *a: table(*a) * torch.tensor([1, 1.01, 1, 1, 1]))
