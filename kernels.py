@@ -126,7 +126,7 @@ def ddim_logprob_fwd_kernel(
     logp_ptr,     # (B,) fp32 out: log p
     ratio_ptr,    # (B,) fp32 out: exp(log p - old log p)
     N,            # elements per sample
-    CHUNK,        # elements per program, a multiple of BLOCK
+    CHUNK: tl.constexpr,  # elements per program, a multiple of BLOCK (compile-time: the loop's bound)
     w,            # guidance scale
     S: tl.constexpr, HAS_CFG: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -135,8 +135,11 @@ def ddim_logprob_fwd_kernel(
     row = table_ptr + tl.load(t_ptr + b).to(tl.int64) * TABLE_COLUMNS  # this sample's timestep
     k_x, k_e = tl.load(row + 0), tl.load(row + 1)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(s * CHUNK, tl.minimum(s * CHUNK + CHUNK, N), BLOCK):
-        idx = start + tl.arange(0, BLOCK)
+    # This program's chunk of the sample, BLOCK elements at a time; blocks past N are all masked. The loop's
+    # bounds are compile-time constants: Triton 3.6's interpreter turns a runtime bound into a Python int with a
+    # NumPy conversion that NumPy 2.4 refuses (triton-lang/triton#9171).
+    for start in range(0, CHUNK, BLOCK):
+        idx = s * CHUNK + start + tl.arange(0, BLOCK)
         mask = idx < N
         offs = base + idx
         mean = _load_mean(c_ptr, u_ptr, x_ptr, offs, mask, k_x, k_e, w, HAS_CFG)
@@ -161,7 +164,7 @@ def ddim_logprob_bwd_kernel(
     ratio_ptr,                    # (B,) fp32 the forward's ratio
     g_logp_ptr, g_ratio_ptr,      # (B,) fp32 upstream gradients dL/dlogp, dL/dratio
     gc_ptr, gu_ptr,               # (B, N) out: dL/d eps_c, dL/d eps_u, in the predictions' dtype
-    N, CHUNK, w,                  # as in the forward kernel
+    N, CHUNK: tl.constexpr, w,    # as in the forward kernel
     HAS_CFG: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b, s = tl.program_id(0), tl.program_id(1)
@@ -170,8 +173,8 @@ def ddim_logprob_bwd_kernel(
     k_x, k_e = tl.load(row + 0), tl.load(row + 1)
     g = tl.load(g_logp_ptr + b) + tl.load(g_ratio_ptr + b) * tl.load(ratio_ptr + b)  # dL/dlogp_b
     scale = g * k_e * tl.load(row + 3) / N
-    for start in range(s * CHUNK, tl.minimum(s * CHUNK + CHUNK, N), BLOCK):
-        idx = start + tl.arange(0, BLOCK)
+    for start in range(0, CHUNK, BLOCK):  # this program's chunk, as in the forward kernel
+        idx = s * CHUNK + start + tl.arange(0, BLOCK)
         mask = idx < N
         offs = base + idx
         mean = _load_mean(c_ptr, u_ptr, x_ptr, offs, mask, k_x, k_e, w, HAS_CFG)
@@ -185,6 +188,10 @@ def ddim_logprob_bwd_kernel(
 
 BLOCK = 1024  # elements per loop iteration: 4 warps x 32 threads x 8 elements
 TARGET_PROGRAMS = 512  # split each sample's N so that B * S reaches about this many programs (H100: 132 SMs)
+# Compiler options of every launch: a * b + c contracted into one fused multiply-add (one rounding), as Triton
+# has done by default and every GPU timing in the README was measured with. Triton 3.9 warns that 3.10 turns
+# that default off; stated here, the kernels compute the same on either, without the warning.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 
 @functools.lru_cache(maxsize=None)
@@ -268,7 +275,7 @@ def fused_forward(cond, uncond, w, table, timesteps, sample, prev_sample, old_lo
     partial = torch.empty((B, S), device=x.device, dtype=torch.float32)
     ddim_logprob_fwd_kernel[(B, S)](c, u if u is not None else c, x, xp, timesteps, table, old_log_prob, partial,
                                     arrival_counters(B, x.device), logp, ratio, N, CHUNK, float(w), S=S,
-                                    HAS_CFG=u is not None, BLOCK=BLOCK)
+                                    HAS_CFG=u is not None, BLOCK=BLOCK, **COMPILE_OPTIONS)
     return logp, ratio, flat
 
 
@@ -282,7 +289,7 @@ def fused_backward(c, u, x, xp, w, table, timesteps, ratio, grad_logp, grad_rati
     ddim_logprob_bwd_kernel[(B, S)](c, u if u is not None else c, x, xp, timesteps, table, ratio,
                                     grad_logp.float().contiguous(), grad_ratio.float().contiguous(), grad_c,
                                     grad_u if grad_u is not None else grad_c, N, CHUNK, float(w),
-                                    HAS_CFG=u is not None, BLOCK=BLOCK)
+                                    HAS_CFG=u is not None, BLOCK=BLOCK, **COMPILE_OPTIONS)
     return grad_c, grad_u
 
 
@@ -363,17 +370,17 @@ def compile_for_gpu(arch, dtype, has_cfg, B=32, N=4 * 64 * 64):
     from triton.compiler import ASTSource
 
     tt = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
-    S, _ = launch_split(B, N)
+    S, CHUNK = launch_split(B, N)
     compiled = {}
     for kernel in (ddim_logprob_fwd_kernel, ddim_logprob_bwd_kernel):
         signature = {name: "*fp32" for name in kernel.arg_names}
         signature.update({"c_ptr": tt, "u_ptr": tt, "gc_ptr": tt, "gu_ptr": tt, "t_ptr": "*i64", "count_ptr": "*i32",
-                          "N": "i32", "CHUNK": "i32", "w": "fp32", "S": "constexpr", "HAS_CFG": "constexpr",
+                          "N": "i32", "CHUNK": "constexpr", "w": "fp32", "S": "constexpr", "HAS_CFG": "constexpr",
                           "BLOCK": "constexpr"})
         signature = {name: signature[name] for name in kernel.arg_names}  # only this kernel's arguments
-        constexprs = {k: v for k, v in {"S": S, "HAS_CFG": has_cfg, "BLOCK": BLOCK}.items() if k in kernel.arg_names}
+        constexprs = {k: v for k, v in {"S": S, "CHUNK": CHUNK, "HAS_CFG": has_cfg, "BLOCK": BLOCK}.items() if k in kernel.arg_names}
         compiled[kernel.__name__] = triton.compile(ASTSource(kernel, signature, constexprs),
-                                                   target=GPUTarget("cuda", arch, 32))
+                                                   target=GPUTarget("cuda", arch, 32), options=COMPILE_OPTIONS)
     return compiled
 
 
