@@ -599,6 +599,29 @@ def test_aot_compiles_for_a100_and_h100_without_spills(arch):
             assert r["atomics"] == ["@%p atom.global.gpu.acq_rel.add.u32"], r["atomics"]
 
 
+def test_every_kernel_launch_states_the_compile_options(monkeypatch):
+    """The GPU launches pass kernels.COMPILE_OPTIONS (FP fusion on, as the test above compiles them), forward and
+    backward: each launch is recorded on its way to the interpreter's kernel, and the result is still right."""
+    launches = []
+
+    class Recorded:  # kernel[grid](*args, **kwargs), noted on its way
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(kernels, name)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.name, kwargs))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for name in ("ddim_logprob_fwd_kernel", "ddim_logprob_bwd_kernel"):
+        monkeypatch.setattr(kernels, name, Recorded(name))
+    inputs, truth = kernel_case("epsilon", (2, 4, 8, 8), torch.float32, True)
+    assert_matches_truth(run_fused(inputs, True), truth, torch.float32)
+    assert [name for name, _ in launches] == ["ddim_logprob_fwd_kernel", "ddim_logprob_bwd_kernel"]
+    assert all(kwargs.get("enable_fp_fusion") is True for _, kwargs in launches), launches
+
+
 def probe_scheduler():
     scheduler = DDIMScheduler(prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                               beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
