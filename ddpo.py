@@ -571,7 +571,8 @@ def train(args):
             run.mark("rescoring")
             if exact:  # old log p of every pair trained after the first update, from the training forward
                 with run.timer():
-                    samples = rescore_old_log_probs(loss_fn, samples, plans[0][1:])
+                    samples = rescore_old_log_probs(loss_fn, samples, run.progress(plans[0][1:],
+                                                                                   f"epoch {epoch} re-score"))
             run.mark("rescored")
             for k, plan in enumerate(plans):
                 for s, micro_batches in enumerate(run.progress(plan, f"epoch {epoch} train")):
@@ -1145,6 +1146,10 @@ class Run:
         note = cpu_note(device, args.device, self.unet)
         if note:
             self.log(note)
+        if args.compile:  # minutes without a line of output otherwise (README, "A seventh H200 machine")
+            self.log("--compile: the first epoch compiles each block variant the run uses (at SD scale on an H200, "
+                     "4-4.5 minutes with cold caches); inductor keeps them on disk (TORCHINDUCTOR_CACHE_DIR, on "
+                     "lasting storage, lets later runs reuse them); later epochs compile nothing")
 
     # --- models ---
     def offloaded(self, module):

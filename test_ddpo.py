@@ -3304,15 +3304,16 @@ def compiled_graphs_per_epoch(argv, monkeypatch):
 
 
 @slow
-def test_compile_does_not_recompile_after_the_first_epoch(tmp_path, monkeypatch):
+def test_compile_does_not_recompile_after_the_first_epoch(tmp_path, monkeypatch, capsys):
     """--compile: every graph the run needs (sampling in eval mode without autograd, training micro-batches
     with it) is compiled in the first epoch; the second compiles nothing. Dynamo's guards and recompiles do
     not depend on the device or the backend, so this counts them with the 'eager' backend (tracing only,
-    no code generation) on the CPU."""
+    no code generation) on the CPU. The run says at the start that its first epoch compiles."""
     compiled = compiled_graphs_per_epoch([*TINY_QUICK, "--num-epochs", "2", "--compile", "--run-dir", str(tmp_path)],
                                          monkeypatch)
     assert compiled[0][0] >= 2  # at least one graph for sampling and one for training
     assert compiled[1] == compiled[0], compiled  # nothing new in epoch 1
+    assert "--compile: the first epoch compiles each block variant" in capsys.readouterr().out
 
 
 @slow
