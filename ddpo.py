@@ -639,7 +639,8 @@ class Args:
                                "only for its calls (frees their memory while the UNet trains)")
     compile: bool = arg(False, "torch.compile the UNet's ResNet and transformer blocks (GPUs: measured 1.4x "
                         "faster epochs at SD scale on an H200, after a first epoch that compiles for over 3 "
-                        "minutes with cold caches)")
+                        "minutes with cold caches; the compiled code is cached in DDPO_CACHE/inductor, unless "
+                        "TORCHINDUCTOR_CACHE_DIR is set, for later runs and resumes)")
     cuda_graphs: str = arg("auto", "auto | on | off: replay the training step's UNet forward and backward from "
                            "CUDA graphs (one capture, then two launches per call instead of thousands); auto = on "
                            "for LoRA on a CUDA device without --compile or --gradient-checkpointing ('on' also "
@@ -1043,6 +1044,8 @@ class Run:
         self.device = device
         if args.fused_kernel == "on" and not (device.type == "cuda" or kernels.triton_interpreter_on()):
             fail("--fused-kernel on needs a CUDA device, or TRITON_INTERPRET=1 to run the kernels on the CPU")
+        if args.compile:  # before anything compiles: inductor fixes its cache directory at its first use
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tiny_cache_dir() / "inductor"))
         problem = compile_problem(device) if args.compile else ""  # now, not at the first epoch's first UNet call
         if problem:
             fail(f"--compile: torch.compile does not work here ({problem}); without --compile the run does the "
@@ -1148,8 +1151,8 @@ class Run:
             self.log(note)
         if args.compile:  # minutes without a line of output otherwise (README, "A seventh H200 machine")
             self.log("--compile: the first epoch compiles each block variant the run uses (at SD scale on an H200, "
-                     "4-4.5 minutes with cold caches); inductor keeps them on disk (TORCHINDUCTOR_CACHE_DIR, on "
-                     "lasting storage, lets later runs reuse them); later epochs compile nothing")
+                     f"4-4.5 minutes with cold caches), later epochs nothing; inductor's cache, which later runs "
+                     f"and resumes reuse: {os.environ['TORCHINDUCTOR_CACHE_DIR']} (TORCHINDUCTOR_CACHE_DIR)")
 
     # --- models ---
     def offloaded(self, module):
@@ -2575,6 +2578,9 @@ def read_progress(path, recipe, log):
 
 
 def tiny_cache_dir() -> Path:
+    """DDPO_CACHE (default ~/.cache/ddpo): the tiny models, their classifier, and --compile's inductor cache
+    unless TORCHINDUCTOR_CACHE_DIR says otherwise (inductor's own default is in the temporary directory, which
+    many clusters empty after each job)."""
     return Path(os.environ.get("DDPO_CACHE", Path.home() / ".cache" / "ddpo"))
 
 

@@ -671,6 +671,26 @@ def test_compile_that_cannot_work_here_fails_in_one_line_before_models_load(monk
     assert ddpo.compile_problem(torch.device("cpu")).startswith("RuntimeError")
 
 
+def test_compile_keeps_inductors_cache_in_ddpo_cache_unless_told_otherwise(monkeypatch, tmp_path):
+    """--compile: inductor's on-disk cache (minutes of compiling at SD scale) goes to DDPO_CACHE/inductor, which
+    outlives a job, instead of inductor's default in the temporary directory, and is in place before anything
+    compiles (the torch.compile probe, recorded here); a TORCHINDUCTOR_CACHE_DIR of the user's is kept."""
+    seen = []
+    monkeypatch.setattr(ddpo, "compile_problem", lambda device: seen.append(os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+                        or "stopped by the test")
+    monkeypatch.setattr(ddpo, "load_pipeline", lambda *a, **k: pytest.fail("models loaded"))
+    monkeypatch.setenv("DDPO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")  # restored (or removed again) after the test
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    argv = ["--preset", "tiny", "--compile", "--run-dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit, match="stopped by the test"):
+        ddpo.main(argv)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "mine")
+    with pytest.raises(SystemExit, match="stopped by the test"):
+        ddpo.main(argv)
+    assert seen == [str(tmp_path / "cache" / "inductor"), str(tmp_path / "mine")]
+
+
 def test_fused_kernel_auto_falls_back_with_a_note_and_on_stops_in_one_line():
     """auto: on for CUDA devices when the probe finds nothing, else the reference and one note; on: stops; off,
     and auto on the CPU, do not probe at all."""
