@@ -1141,7 +1141,7 @@ class Run:
         self.epoch_start, self.times, self.epoch_seconds = None, {}, deque(maxlen=5)
         self.warned_ratio = False
         self.log(f"ddpo: {args.model} | reward {args.reward} | {args.sample_batch_size * args.sample_num_batches} "
-                 f"samples/epoch x {self.world} process(es) | {args.num_epochs} epochs | "
+                 f"samples/epoch x {self.world} process(es) | {args.num_epochs} epoch{'s' * (args.num_epochs != 1)} | "
                  f"{f'LoRA rank {args.lora_rank}' if args.lora_rank else 'full fine-tuning'} | {device} "
                  f"{'fp32' if args.mixed_precision == 'no' else args.mixed_precision}"
                  f"{' exact-ratio' if self.exact_ratio else ''}"
