@@ -1045,7 +1045,7 @@ class Run:
         if args.fused_kernel == "on" and not (device.type == "cuda" or kernels.triton_interpreter_on()):
             fail("--fused-kernel on needs a CUDA device, or TRITON_INTERPRET=1 to run the kernels on the CPU")
         if args.compile:  # before anything compiles: inductor fixes its cache directory at its first use
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tiny_cache_dir() / "inductor"))
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ddpo_cache_dir() / "inductor"))
         problem = compile_problem(device) if args.compile else ""  # now, not at the first epoch's first UNet call
         if problem:
             fail(f"--compile: torch.compile does not work here ({problem}); without --compile the run does the "
@@ -2577,7 +2577,7 @@ def read_progress(path, recipe, log):
     return state
 
 
-def tiny_cache_dir() -> Path:
+def ddpo_cache_dir() -> Path:
     """DDPO_CACHE (default ~/.cache/ddpo): the tiny models, their classifier, and --compile's inductor cache
     unless TORCHINDUCTOR_CACHE_DIR says otherwise (inductor's own default is in the temporary directory, which
     many clusters empty after each job)."""
@@ -2588,7 +2588,7 @@ def tiny_pretrained_path(seed=0, log=print) -> str:
     """Directory of the pretrained tiny pipeline for `seed`, building and caching it on first use.
     Written to a temporary directory and renamed, so an interrupted build never leaves a broken cache; its
     progress file lets the next call resume it."""
-    cache = tiny_cache_dir() / f"{TINY_VERSION}-seed{seed}"
+    cache = ddpo_cache_dir() / f"{TINY_VERSION}-seed{seed}"
     if not (cache / "model_index.json").exists():
         progress = cache.with_name(f"{cache.name}.progress.pt")
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -2677,7 +2677,7 @@ def train_shape_classifier(seed=0, steps=800, batch_size=64, log=print):
 
 def tiny_classifier(seed=0, log=print) -> ShapeClassifier:
     """The trained ShapeClassifier, training and caching it (DDPO_CACHE) on first use."""
-    path = tiny_cache_dir() / f"{TINY_VERSION}-classifier-seed{seed}.pt"
+    path = ddpo_cache_dir() / f"{TINY_VERSION}-classifier-seed{seed}.pt"
     if path.exists():
         model = ShapeClassifier().eval().requires_grad_(False)
         model.load_state_dict(torch.load(path, weights_only=True))
