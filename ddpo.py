@@ -527,7 +527,7 @@ def train(args):
                 prompts = run.draw_prompts(args.sample_batch_size, args.samples_per_prompt)
                 embeds = run.encode(prompts)  # (B, L, D), reused by training
                 latents, log_probs = sample_trajectories(  # (B, T+1, C, h, w), (B, T)
-                    unet, scheduler, embeds, run.uncond_embeds.expand(len(prompts), -1, -1), run.latent_shape,
+                    run.sample_unet, scheduler, embeds, run.uncond_embeds.expand(len(prompts), -1, -1), run.latent_shape,
                     args.guidance_scale, args.eta, run.sample_gen, run.autocast, run.timer)
                 images = run.decode(latents[:, -1])  # (B, 3, H, W) in [0, 1]
                 batches.append(dict(prompts=prompts, embeds=embeds, latents=latents, log_probs=log_probs,
@@ -641,12 +641,13 @@ class Args:
                         "faster epochs at SD scale on an H200, after a first epoch that compiles for over 3 "
                         "minutes with cold caches; the compiled code is cached in DDPO_CACHE/inductor, unless "
                         "TORCHINDUCTOR_CACHE_DIR is set, for later runs and resumes)")
-    cuda_graphs: str = arg("auto", "auto | on | off: replay the training step's UNet forward and backward from "
-                           "CUDA graphs (one capture, then two launches per call instead of thousands); auto = on "
+    cuda_graphs: str = arg("auto", "auto | on | all | off: replay the training step's UNet forward and backward "
+                           "from CUDA graphs (one capture, then two launches per call instead of thousands); auto = on "
                            "for LoRA on a CUDA device without --compile or --gradient-checkpointing ('on' also "
                            "captures --compile's kernels: 92.5 -> 75.9 ms per training call on an H200, after "
                            "4-4.5 minutes of compiling). Measured on an H200 at SD scale: 45.8 -> 30.2 s per "
-                           "epoch at the published order, peak memory 11.7 -> 10.0 GB")
+                           "epoch at the published order, peak memory 11.7 -> 10.0 GB. 'all': 'on', and the "
+                           "sampling loop's UNet calls from one more graph (unmeasured on GPUs)")
     device: str = arg("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
     fused_kernel: str = arg("auto", "auto | on | off: the Triton kernels of kernels.py for the training step's "
                             "log-prob, checked at the start on one small call against the PyTorch reference (auto = "
@@ -884,7 +885,7 @@ def validate(args: Args):
     except rewards_lib.RewardError as e:
         fail(f"--reward: {e}")
     for flag, choices in (("fused_kernel", ("auto", "on", "off")), ("exact_ratio", ("auto", "on", "off")),
-                          ("cuda_graphs", ("auto", "on", "off")), ("mixed_precision", ("no", "fp16", "bf16"))):
+                          ("cuda_graphs", ("auto", "on", "all", "off")), ("mixed_precision", ("no", "fp16", "bf16"))):
         need(getattr(args, flag) in choices, flag, getattr(args, flag), " or ".join(choices))
     need(args.eta > 0 and math.isfinite(args.eta), "eta", args.eta,
          "> 0 and finite: at eta = 0 DDIM is deterministic and the policy has no log-likelihood")
@@ -933,11 +934,12 @@ def validate(args: Args):
         fail(f"--eval-every needs --eval-prompts with --prompts {args.prompts!r} (held-out sets are known only "
              f"for the built-in {', '.join(HELD_OUT)})")
     check_device("--device", args.device)
-    if args.cuda_graphs == "on":
-        need(not args.gradient_checkpointing, "cuda_graphs", "on", "off or auto with --gradient-checkpointing "
-             "(checkpointing saves the RNG state for its recomputation, which captures have refused: pytorch#83148)")
+    if args.cuda_graphs in ("on", "all"):
+        need(not args.gradient_checkpointing, "cuda_graphs", args.cuda_graphs, "off or auto with "
+             "--gradient-checkpointing (checkpointing saves the RNG state for its recomputation, which captures "
+             "have refused: pytorch#83148)")
         if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
-            fail(f"--cuda-graphs on needs a CUDA device (--device {args.device}"
+            fail(f"--cuda-graphs {args.cuda_graphs} needs a CUDA device (--device {args.device}"
                  f"{', and CUDA is not available' if args.device == 'auto' else ''})")
     check_device("--reward-device", args.reward_device)
     if args.model != "tiny" and not os.path.isdir(args.model):
@@ -1005,7 +1007,7 @@ def use_cuda_graphs(args: Args, device: torch.device) -> bool:
     graphs 'on' captures (the compiled blocks' kernels, replayed; on an H200 one such step ran 1.22x faster than
     the eager graph's, after 4-4.5 minutes of compiling, and no compiled epoch was timed)."""
     if args.cuda_graphs != "auto":
-        return args.cuda_graphs == "on"
+        return args.cuda_graphs in ("on", "all")
     return (device.type == "cuda" and args.lora_rank > 0 and not args.compile
             and not args.gradient_checkpointing)
 
@@ -1097,7 +1099,9 @@ class Run:
         select_unet_kernels(self.unet, device)
         self.params = setup_trainable(self.unet, args)  # fp32 trainable weights (LoRA or all), frozen ones in dtype
         # The UNet of the training step's calls: the UNet itself, or its CUDA-graph replays (--cuda-graphs).
-        self.train_unet = GraphedUNet(self.unet, self.autocast) if self.cuda_graphs else self.unet
+        self.train_unet = GraphedUNet(self.unet, self.autocast, sampling=args.cuda_graphs == "all") \
+            if self.cuda_graphs else self.unet
+        self.sample_unet = self.train_unet if args.cuda_graphs == "all" else self.unet  # the sampling loop's
         self.optimizer = torch.optim.AdamW(self.params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
@@ -1145,7 +1149,8 @@ class Run:
                  f"{f'LoRA rank {args.lora_rank}' if args.lora_rank else 'full fine-tuning'} | {device} "
                  f"{'fp32' if args.mixed_precision == 'no' else args.mixed_precision}"
                  f"{' exact-ratio' if self.exact_ratio else ''}"
-                 f"{' cuda-graphs' if self.cuda_graphs else ''} | {self.run_dir}")
+                 f"{' cuda-graphs' if self.cuda_graphs else ''}{' all' if args.cuda_graphs == 'all' else ''} | "
+                 f"{self.run_dir}")
         note = cpu_note(device, args.device, self.unet)
         if note:
             self.log(note)
@@ -1220,7 +1225,7 @@ class Run:
         with swapped_weights(self.params, self.ema):
             for first in range(0, n, args.sample_batch_size):
                 chunk = prompts[first:first + args.sample_batch_size]
-                latents, _ = sample_trajectories(self.unet, self.pipe.scheduler, self.encode(chunk),
+                latents, _ = sample_trajectories(self.sample_unet, self.pipe.scheduler, self.encode(chunk),
                                                  self.uncond_embeds.expand(len(chunk), -1, -1), self.latent_shape,
                                                  args.guidance_scale, args.eta, generator, self.autocast)
                 images.append(self.decode(latents[:, -1]))
@@ -2158,8 +2163,9 @@ class GraphedUNet:
     call in train mode with autograd on is captured (torch.cuda.make_graphed_callables: the forward one graph,
     the backward another), and every later call of that shape replays them: two launches instead of the
     thousands of kernels a UNet call issues from Python. Any other call runs the UNet eagerly: other shapes (a
-    step's last, shorter micro-batch), sampling (eval mode, no autograd), the KL reference (the raw UNet, its
-    adapters toggled in Python, which a graph could not see). The graphs read the weights where they are, so
+    step's last, shorter micro-batch), sampling (eval mode, no autograd) unless sampling=True (--cuda-graphs all:
+    then the first sampling call is captured too, by sampling_graph, and later ones of its shape replay it), the
+    KL reference (the raw UNet, its adapters toggled in Python, which a graph could not see). The graphs read the weights where they are, so
     in-place updates (optimizer steps, EMA swaps) are seen. The training forward and the exact-ratio re-score both
     replay the same graph, so they agree bitwise. With --compile ('on' only), make_graphed_callables' warm-up
     calls compile the blocks and the capture records their kernels (on an H200: 92.5 -> 75.9 ms per call).
@@ -2167,21 +2173,27 @@ class GraphedUNet:
     log p bitwise equal to eager; a whole epoch at the published settings 45.8 -> 30.2 s, peak memory
     11.7 -> 10.0 GB (README)."""
 
-    def __init__(self, unet, autocast, make_graphed=None):
+    def __init__(self, unet, autocast, make_graphed=None, sampling=False, make_sampling_graph=None):
         self.unet, self.autocast, self.key, self.graphed = unet, autocast, None, None
         self.make_graphed = make_graphed or torch.cuda.make_graphed_callables
+        self.sampling, self.sampling_key, self.sampling_graphed = sampling, None, None
+        self.make_sampling_graph = make_sampling_graph or sampling_graph
 
     def __call__(self, sample, timestep, encoder_hidden_states):
         args = (sample, timestep, encoder_hidden_states)
-        if not (self.unet.training and torch.is_grad_enabled()):
-            return self.unet(*args)
         key = tuple((tuple(a.shape), a.dtype) for a in args)
-        if self.graphed is None:
-            self.capture(args)
-            self.key = key
-        if key != self.key:
-            return self.unet(*args)
-        return types.SimpleNamespace(sample=self.graphed(*args))
+        if self.unet.training and torch.is_grad_enabled():  # a training call
+            if self.graphed is None:
+                self.capture(args)
+                self.key = key
+            if key == self.key:
+                return types.SimpleNamespace(sample=self.graphed(*args))
+        elif self.sampling and not (self.unet.training or torch.is_grad_enabled()):  # a sampling call
+            if self.sampling_graphed is None:
+                self.sampling_graphed, self.sampling_key = self.make_sampling_graph(self.unet, args, self.autocast), key
+            if key == self.sampling_key:
+                return types.SimpleNamespace(sample=self.sampling_graphed(*args))
+        return self.unet(*args)
 
     def capture(self, args):
         class Noise(torch.nn.Module):  # make_graphed_callables takes tensors in, tensors out
@@ -2207,6 +2219,29 @@ class GraphedUNet:
         for p in self.unet.parameters():
             if p.requires_grad:
                 p.register_hook(torch.clone)
+
+
+def sampling_graph(unet, args, autocast):
+    """--cuda-graphs all: the sampling call unet(*args).sample (eval mode, no autograd) as one CUDA graph. Returns
+    replay(*inputs), which copies the inputs into the captured ones, replays, and returns the captured output:
+    the same memory every time, overwritten by the next replay (the sampling loop reads it at once)."""
+    static = tuple(a.clone() for a in args)  # device tensors: predict_noise moves the timesteps there
+    side = torch.cuda.Stream()  # warm up outside the capture (cuDNN and cuBLAS set themselves up on first use),
+    side.wait_stream(torch.cuda.current_stream())  # as often as make_graphed_callables does
+    with torch.cuda.stream(side), autocast():
+        for _ in range(3):
+            unet(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), autocast():  # the autocast it is called under, without its cast cache
+        out = unet(*static).sample
+
+    def replay(*inputs):
+        for captured, x in zip(static, inputs):
+            captured.copy_(x)
+        graph.replay()
+        return out
+    return replay
 
 
 def reference_model(unet, args):

@@ -1277,7 +1277,9 @@ def user_rewards(tmp_path, monkeypatch):
     (["--cuda-graphs", "on", "--gradient-checkpointing"], "--cuda-graphs must be off or auto with --gradient-checkpointing"),
     (["--cuda-graphs", "on", "--device", "cpu"], "--cuda-graphs on needs a CUDA device (--device cpu)"),
     (["--cuda-graphs", "on"], "--cuda-graphs on needs a CUDA device (--device auto, and CUDA is not available)"),
-    (["--cuda-graphs", "yes"], "--cuda-graphs must be auto or on or off (got 'yes')"),
+    (["--cuda-graphs", "all", "--device", "cpu"], "--cuda-graphs all needs a CUDA device (--device cpu)"),
+    (["--cuda-graphs", "all", "--gradient-checkpointing"], "--cuda-graphs must be off or auto with --gradient-checkpointing"),
+    (["--cuda-graphs", "yes"], "--cuda-graphs must be auto or on or all or off (got 'yes')"),
     (["--eval-every", "-1"], "--eval-every must be >= 0 (got -1)"),
     (["--wandb", " "], "--wandb needs a project name"),
     (["--eval-every", "5", "--prompts", "LATIN1"], "--eval-every needs --eval-prompts with --prompts"),
@@ -1966,6 +1968,89 @@ def test_cuda_graphs_unet_accumulates_gradients_as_eager():
     assert scale > 0
     for eager, replayed in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-6 * scale)
+
+
+def fake_sampling_graph(unet, args, autocast, log, replays=None):
+    """A CPU stand-in for ddpo.sampling_graph with its memory behaviour: every replay runs the UNet eagerly and
+    returns its result in the same tensor, which the next replay overwrites, as the captured graph's output is.
+    Appends the captured shapes to log, and each replay's shapes to replays (if given)."""
+    log.append(tuple(a.shape for a in args))
+    out = []
+
+    def replay(*inputs):
+        if replays is not None:
+            replays.append(tuple(a.shape for a in inputs))
+        with autocast():
+            result = unet(*inputs).sample
+        if not out:
+            out.append(torch.empty_like(result))
+        return out[0].copy_(result)
+    return replay
+
+
+def test_cuda_graphs_all_replays_sampling_calls_to_the_same_trajectories():
+    """--cuda-graphs all: GraphedUNet(sampling=True) captures the first sampling call (eval mode, no autograd)
+    and replays it for every later call of that shape; with a stand-in capture whose output memory each replay
+    overwrites, DDIM trajectories and log-probs are bitwise those of the eager UNet (the loop reads each output
+    before the next call), one capture is made, another batch size runs eagerly, and calls in train mode are
+    left to the training graph."""
+    args = ddpo.parse_args(["--preset", "tiny", *LORA_CFG])
+    pipe = ddpo.build_tiny_pipeline(0)
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(4)
+    params = ddpo.setup_trainable(pipe.unet, args)
+    with torch.no_grad():
+        for p in params:  # LoRA's B starts at 0: make the adapters count
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    embeds = ddpo.encode_prompts(pipe, ddpo.PROMPT_SETS["tiny_shapes"][:4])
+    uncond = ddpo.encode_prompts(pipe, [""])
+    captures, replays, training = [], [], []
+    graphed = ddpo.GraphedUNet(pipe.unet, contextlib.nullcontext, sampling=True,
+                               make_graphed=lambda m, a, **_: training.append(a) or (lambda *x: pytest.fail()),
+                               make_sampling_graph=lambda u, a, ac: fake_sampling_graph(u, a, ac, captures, replays))
+    pipe.unet.eval()
+
+    def sample(unet, n, seed):
+        return ddpo.sample_trajectories(unet, scheduler, embeds[:n], uncond.expand(n, -1, -1), TINY_LATENT, 3.0, 1.0,
+                                        torch.Generator().manual_seed(seed))
+
+    for n, seed in ((4, 0), (4, 1), (2, 2)):
+        (eager_x, eager_logp), (graphed_x, graphed_logp) = sample(pipe.unet, n, seed), sample(graphed, n, seed)
+        assert torch.equal(graphed_x, eager_x) and torch.equal(graphed_logp, eager_logp)
+    assert captures == [((8, *TINY_LATENT), (8,), (8, *embeds.shape[1:]))]  # 4 samples x [uncond; cond], once
+    assert replays == captures * 8  # 2 trajectories x 4 steps; the 2-sample one ran eagerly
+    pipe.unet.train()
+    with torch.no_grad():  # train mode without autograd (as the KL reference's): eager, no capture of either kind
+        graphed(torch.zeros(8, *TINY_LATENT), torch.zeros(8, dtype=torch.long), torch.cat([embeds, embeds]))
+    assert len(captures) == 1 and len(replays) == 8 and training == []
+
+
+@slow
+def test_cuda_graphs_all_in_a_run_changes_no_number(tmp_path, monkeypatch, capsys):
+    """--cuda-graphs all in a whole run (CUDA only: here validate() sees 'auto', and both captures are the CPU
+    stand-ins): the sampling loop's calls and the held-out evaluation's (with the EMA weights swapped in) replay
+    one sampling capture, the training step's calls one training capture, and every logged number is bitwise
+    that of the eager run, the header saying 'cuda-graphs all'."""
+    argv = [*TINY_QUICK, *LORA_CFG, "--num-epochs", "2", "--ema-decay", "0.9", "--eval-every", "1",
+            "--train-micro-batch", "4"]
+    captures, sampling_captures, replays = [], [], []
+    with monkeypatch.context() as patch:
+        real_validate = ddpo.validate
+        patch.setattr(ddpo, "validate", lambda args: real_validate(dataclasses.replace(args, cuda_graphs="auto")))
+        patch.setattr(ddpo, "GraphedUNet", functools.partial(
+            ddpo.GraphedUNet, make_graphed=lambda m, a, **_: fake_make_graphed(m, a, captures),
+            make_sampling_graph=lambda u, a, ac: fake_sampling_graph(u, a, ac, sampling_captures, replays)))
+        ddpo.main([*argv, "--cuda-graphs", "all", "--run-dir", str(tmp_path / "graphed")])
+    assert "cuda-graphs all |" in capsys.readouterr().out.splitlines()[0]
+    ddpo.main([*argv, "--cuda-graphs", "off", "--run-dir", str(tmp_path / "eager")])
+    assert len(captures) == len(sampling_captures) == 1
+    assert len(replays) == (2 + 3) * 4  # (2 epochs' sampling + evaluations before epochs 0, 1 and at the end) x 4 steps
+    metrics = {name: strict_json_lines(tmp_path / name / "metrics.jsonl") for name in ("graphed", "eager")}
+    assert len(metrics["graphed"]) == len(metrics["eager"]) > 0
+    for graphed_line, eager_line in zip(metrics["graphed"], metrics["eager"]):
+        numbers = {k for k in eager_line if not k.startswith("time/") and k != "samples_per_s"}
+        assert {k: graphed_line[k] for k in numbers} == {k: eager_line[k] for k in numbers}
+    assert any("eval/alignment" in line for line in metrics["graphed"])
 
 
 @slow
