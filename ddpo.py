@@ -527,8 +527,8 @@ def train(args):
                 prompts = run.draw_prompts(args.sample_batch_size, args.samples_per_prompt)
                 embeds = run.encode(prompts)  # (B, L, D), reused by training
                 latents, log_probs = sample_trajectories(  # (B, T+1, C, h, w), (B, T)
-                    run.sample_unet, scheduler, embeds, run.uncond_embeds.expand(len(prompts), -1, -1), run.latent_shape,
-                    args.guidance_scale, args.eta, run.sample_gen, run.autocast, run.timer)
+                    run.sample_unet, scheduler, embeds, run.uncond_embeds.expand(len(prompts), -1, -1),
+                    run.latent_shape, args.guidance_scale, args.eta, run.sample_gen, run.autocast, run.timer)
                 images = run.decode(latents[:, -1])  # (B, 3, H, W) in [0, 1]
                 batches.append(dict(prompts=prompts, embeds=embeds, latents=latents, log_probs=log_probs,
                                     images=images, reward=run.reward_worker.submit(images, prompts)))
@@ -2160,18 +2160,18 @@ CAPTURE_STREAM_WARNING = "The AccumulateGrad node's stream does not match"  # se
 
 class GraphedUNet:
     """--cuda-graphs (auto: on for LoRA on CUDA): the UNet of the training step, replayed from CUDA graphs. The first
-    call in train mode with autograd on is captured (torch.cuda.make_graphed_callables: the forward one graph,
-    the backward another), and every later call of that shape replays them: two launches instead of the
-    thousands of kernels a UNet call issues from Python. Any other call runs the UNet eagerly: other shapes (a
-    step's last, shorter micro-batch), sampling (eval mode, no autograd) unless sampling=True (--cuda-graphs all:
-    then the first sampling call is captured too, by sampling_graph, and later ones of its shape replay it), the
-    KL reference (the raw UNet, its adapters toggled in Python, which a graph could not see). The graphs read the weights where they are, so
-    in-place updates (optimizer steps, EMA swaps) are seen. The training forward and the exact-ratio re-score both
-    replay the same graph, so they agree bitwise. With --compile ('on' only), make_graphed_callables' warm-up
-    calls compile the blocks and the capture records their kernels (on an H200: 92.5 -> 75.9 ms per call).
-    On an H200, SD v1.5, 8 rows: 118 -> 88 ms per forward + backward, 46 -> 37.5 ms per re-scoring forward,
-    log p bitwise equal to eager; a whole epoch at the published settings 45.8 -> 30.2 s, peak memory
-    11.7 -> 10.0 GB (README)."""
+    call in train mode with autograd on is captured (torch.cuda.make_graphed_callables: the forward one graph, the
+    backward another), and every later call of that shape replays them: two launches instead of the thousands of
+    kernels a UNet call issues from Python. Any other call runs the UNet eagerly: other shapes (a step's last,
+    shorter micro-batch), sampling (eval mode, no autograd) unless sampling=True (--cuda-graphs all: then the first
+    sampling call is captured too, by sampling_graph, and later ones of its shape replay it), the KL reference (the
+    raw UNet, its adapters toggled in Python, which a graph could not see). The graphs read the weights where they
+    are, so in-place updates (optimizer steps, EMA swaps) are seen. The training forward and the exact-ratio
+    re-score both replay the same graph, so they agree bitwise. With --compile ('on' or 'all'), make_graphed_callables'
+    warm-up calls compile the blocks and the capture records their kernels (on an H200: 92.5 -> 75.9 ms per call).
+    On an H200, SD v1.5, 8 rows: 118 -> 88 ms per forward + backward, 46 -> 37.5 ms per re-scoring forward, log p
+    bitwise equal to eager; a whole epoch at the published settings 45.8 -> 30.2 s, peak memory 11.7 -> 10.0 GB
+    (README)."""
 
     def __init__(self, unet, autocast, make_graphed=None, sampling=False, make_sampling_graph=None):
         self.unet, self.autocast, self.key, self.graphed = unet, autocast, None, None
