@@ -3423,7 +3423,8 @@ def test_compile_does_not_recompile_after_the_first_epoch(tmp_path, monkeypatch,
 
 
 @slow
-@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["compile", "compile+cuda-graphs"])
+@pytest.mark.parametrize("cuda_graphs", [None, "on", "all"],
+                         ids=["compile", "compile+cuda-graphs", "compile+cuda-graphs-all"])
 def test_compile_with_the_lora_toggle_kl_ema_and_evaluation_recompiles_nothing_and_changes_nothing(tmp_path,
                                                                                                    monkeypatch,
                                                                                                    cuda_graphs):
@@ -3434,20 +3435,27 @@ def test_compile_with_the_lora_toggle_kl_ema_and_evaluation_recompiles_nothing_a
     that missed the toggle would give the policy's own prediction as the reference's: kl_ref 0). The same
     with --cuda-graphs on (CUDA only, so here forced on, with the CPU stand-in for the capture): the training
     step's compiled UNet is captured once, in the first epoch, and replayed to the same numbers (4 replays
-    accumulate each optimizer step's gradient, which the capture returns in memory that the next replay reuses)."""
+    accumulate each optimizer step's gradient, which the capture returns in memory that the next replay reuses);
+    and with --cuda-graphs all, the sampling calls' compiled UNet too (validate() sees 'on')."""
     argv = [*TINY_QUICK, *LORA_CFG, "--num-epochs", "3", "--kl-coef", "0.1", "--ema-decay", "0.9", "--eval-every", "1"]
-    captures = []
+    captures, sampling_captures = [], []
     with monkeypatch.context() as patch:  # the compiled run's patches, undone for the eager run
+        graph_argv = []
         if cuda_graphs:  # 4 calls of 4 pairs per optimizer step: one capture, then replays that accumulate gradients
             argv += ["--train-micro-batch", "4"]
-            patch.setattr(ddpo, "use_cuda_graphs", lambda args, device: True)
+            graph_argv = ["--cuda-graphs", cuda_graphs]
+            real_validate = ddpo.validate
+            patch.setattr(ddpo, "validate", lambda args: real_validate(dataclasses.replace(args, cuda_graphs="off")))
             patch.setattr(ddpo, "GraphedUNet", functools.partial(
-                ddpo.GraphedUNet, make_graphed=lambda m, a, **_: fake_make_graphed(m, a, captures)))
-        compiled = compiled_graphs_per_epoch([*argv, "--compile", "--run-dir", str(tmp_path / "compiled")], patch)
+                ddpo.GraphedUNet, make_graphed=lambda m, a, **_: fake_make_graphed(m, a, captures),
+                make_sampling_graph=lambda u, a, ac: fake_sampling_graph(u, a, ac, sampling_captures)))
+        compiled = compiled_graphs_per_epoch([*argv, *graph_argv, "--compile", "--run-dir", str(tmp_path / "compiled")],
+                                             patch)
     assert compiled[0][0] >= 3  # sampling, training, and the reference's forward with the adapters off
     assert compiled[2] == compiled[1] == compiled[0], compiled
     ddpo.main([*argv, "--run-dir", str(tmp_path / "eager")])
     assert len(captures) == (1 if cuda_graphs else 0)  # one, in the compiled run
+    assert len(sampling_captures) == (1 if cuda_graphs == "all" else 0)
     lines = {name: strict_json_lines(tmp_path / name / "metrics.jsonl") for name in ("compiled", "eager")}
     assert len(lines["compiled"]) == len(lines["eager"]) > 0
     for compiled_line, eager_line in zip(lines["compiled"], lines["eager"]):
