@@ -2042,7 +2042,8 @@ def test_cuda_graphs_all_in_a_run_changes_no_number(tmp_path, monkeypatch, capsy
             ddpo.GraphedUNet, make_graphed=lambda m, a, **_: fake_make_graphed(m, a, captures),
             make_sampling_graph=lambda u, a, ac: fake_sampling_graph(u, a, ac, sampling_captures, replays)))
         ddpo.main([*argv, "--cuda-graphs", "all", "--run-dir", str(tmp_path / "graphed")])
-    assert "cuda-graphs all |" in capsys.readouterr().out.splitlines()[0]
+    header = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ddpo: ")]
+    assert len(header) == 1 and "cuda-graphs all |" in header[0]
     ddpo.main([*argv, "--cuda-graphs", "off", "--run-dir", str(tmp_path / "eager")])
     assert len(captures) == len(sampling_captures) == 1
     assert len(replays) == (2 + 3) * 4  # (2 epochs' sampling + evaluations before epochs 0, 1 and at the end) x 4 steps
