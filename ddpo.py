@@ -1001,8 +1001,9 @@ def on_policy_settings(args: Args, log=print) -> Args:
 
 
 def use_cuda_graphs(args: Args, device: torch.device) -> bool:
-    """--cuda-graphs: 'on' (validated: CUDA, no --gradient-checkpointing), 'off', or 'auto': on where it was
-    measured to pay, LoRA on a CUDA device, eager (README, "On a GPU"). Full fine-tuning stays eager under auto:
+    """--cuda-graphs for the training step: 'on' or 'all' (validated: CUDA, no --gradient-checkpointing; 'all'
+    replays the sampling calls too), 'off', or 'auto': on where it was measured to pay, LoRA on a CUDA device,
+    eager (README, "On a GPU"). Full fine-tuning stays eager under auto:
     its capture would hold a static gradient buffer for every UNet weight (unmeasured); so does --compile, whose
     graphs 'on' captures (the compiled blocks' kernels, replayed; on an H200 one such step ran 1.22x faster than
     the eager graph's, after 4-4.5 minutes of compiling, and no compiled epoch was timed)."""
@@ -1057,6 +1058,7 @@ class Run:
         self.exact_ratio = args.exact_ratio == "on" or (
             args.exact_ratio == "auto" and (args.mixed_precision != "no" or (args.tf32 and device.type == "cuda")))
         self.cuda_graphs = use_cuda_graphs(args, device)
+        self.sampling_graphs = args.cuda_graphs == "all"  # the sampling loop's calls replayed too
 
         # Run directory and checkpoint: rank 0 decides, every rank follows.
         slug = re.sub(r"[^\w.-]+", "_", args.reward)  # "aesthetic=1,mod:fn" -> "aesthetic_1_mod_fn"
@@ -1099,9 +1101,9 @@ class Run:
         select_unet_kernels(self.unet, device)
         self.params = setup_trainable(self.unet, args)  # fp32 trainable weights (LoRA or all), frozen ones in dtype
         # The UNet of the training step's calls: the UNet itself, or its CUDA-graph replays (--cuda-graphs).
-        self.train_unet = GraphedUNet(self.unet, self.autocast, sampling=args.cuda_graphs == "all") \
+        self.train_unet = GraphedUNet(self.unet, self.autocast, sampling=self.sampling_graphs) \
             if self.cuda_graphs else self.unet
-        self.sample_unet = self.train_unet if args.cuda_graphs == "all" else self.unet  # the sampling loop's
+        self.sample_unet = self.train_unet if self.sampling_graphs else self.unet  # the sampling loop's
         self.optimizer = torch.optim.AdamW(self.params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
@@ -1149,7 +1151,7 @@ class Run:
                  f"{f'LoRA rank {args.lora_rank}' if args.lora_rank else 'full fine-tuning'} | {device} "
                  f"{'fp32' if args.mixed_precision == 'no' else args.mixed_precision}"
                  f"{' exact-ratio' if self.exact_ratio else ''}"
-                 f"{' cuda-graphs' if self.cuda_graphs else ''}{' all' if args.cuda_graphs == 'all' else ''} | "
+                 f"{' cuda-graphs' if self.cuda_graphs else ''}{' all' if self.sampling_graphs else ''} | "
                  f"{self.run_dir}")
         note = cpu_note(device, args.device, self.unet)
         if note:
