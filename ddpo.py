@@ -55,7 +55,7 @@ import time
 import traceback
 import types
 import warnings
-from collections import Counter, deque
+from collections import Counter, deque, namedtuple
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -641,6 +641,10 @@ class Args:
                         "faster epochs at SD scale on an H200, after a first epoch that compiles for over 3 "
                         "minutes with cold caches; the compiled code is cached in DDPO_CACHE/inductor, unless "
                         "TORCHINDUCTOR_CACHE_DIR is set, for later runs and resumes)")
+    compile_workers: int = arg(0, "--compile: compile the blocks' graphs in this many processes at once before the "
+                               "first epoch, into inductor's cache, from which the run then loads them (skipped when "
+                               "the cache holds them already); 0 = off: the first epoch compiles them one after "
+                               "another. Each process loads the UNet. Unmeasured on GPUs; on a 2-core CPU no faster")
     cuda_graphs: str = arg("auto", "auto | on | all | off: replay the training step's UNet forward and backward "
                            "from CUDA graphs (one capture, then two launches per call instead of thousands); auto = on "
                            "for LoRA on a CUDA device without --compile or --gradient-checkpointing ('on' also "
@@ -895,6 +899,7 @@ def validate(args: Args):
         need(getattr(args, flag) >= 1, flag, getattr(args, flag), ">= 1")
     for flag in ("lora_rank", "train_micro_batch", "image_every"):
         need(getattr(args, flag) >= 0, flag, getattr(args, flag), ">= 0")
+    need(args.compile_workers >= 0, "compile_workers", args.compile_workers, ">= 0")
     need(args.resolution is None or args.resolution >= 1, "resolution", args.resolution, ">= 1")
     need(args.num_steps <= 1000, "num_steps", args.num_steps, "<= 1000, the diffusion's training timesteps")
     need(args.stat_min_count <= args.stat_buffer_size, "stat_min_count", args.stat_min_count,
@@ -1100,6 +1105,11 @@ class Run:
         self.unet = pipe.unet
         select_unet_kernels(self.unet, device)
         self.params = setup_trainable(self.unet, args)  # fp32 trainable weights (LoRA or all), frozen ones in dtype
+        self.timer = ModelTimer(device)
+        self.latent_shape = latent_shape_of(pipe, args.resolution)
+        self.uncond_embeds = self.encode([""])  # (1, L, D), the empty prompt of CFG
+        if args.compile:
+            self.compile_unet()
         # The UNet of the training step's calls: the UNet itself, or its CUDA-graph replays (--cuda-graphs).
         self.train_unet = GraphedUNet(self.unet, self.autocast, sampling=self.sampling_graphs) \
             if self.cuda_graphs else self.unet
@@ -1125,14 +1135,11 @@ class Run:
         self.start_epoch, self.global_step = 0, 0
         if state is not None:
             self.restore(checkpoint, state)
-        self.latent_shape = latent_shape_of(pipe, args.resolution)
         pipe.scheduler.set_timesteps(args.num_steps, device=device)
         # --fused-kernel: Triton compiles the kernels now (it needs a C compiler), not after the first sampling
         self.fused = use_fused_kernels(args.fused_kernel, device, self.log, lambda: fused_kernel_problem(
             pipe.scheduler, self.latent_shape, args.guidance_scale, args.eta, device))
-        self.timer = ModelTimer(device)
         warn_truncated_prompts(pipe.tokenizer, self.prompts, self.log)
-        self.uncond_embeds = self.encode([""])  # (1, L, D), the empty prompt of CFG
 
         if self.is_main:
             (self.run_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -1157,11 +1164,52 @@ class Run:
         if note:
             self.log(note)
         if args.compile:  # minutes without a line of output otherwise (README, "A seventh H200 machine")
-            self.log("--compile: the first epoch compiles each block variant the run uses (at SD scale on an H200, "
-                     f"4-4.5 minutes with cold caches), later epochs nothing; inductor's cache, which later runs "
+            self.log("--compile: the first epoch compiles each block variant the run uses, or loads it from inductor's "
+                     "cache (at SD scale on an H200, 4-4.5 minutes of compiling with cold caches and no "
+                     f"--compile-workers), later epochs nothing; inductor's cache, which later runs "
                      f"and resumes reuse: {os.environ['TORCHINDUCTOR_CACHE_DIR']} (TORCHINDUCTOR_CACHE_DIR)")
 
     # --- models ---
+    def compile_unet(self):
+        """--compile: the UNet's blocks compiled in place (compile_blocks), after --compile-workers processes have
+        compiled their graphs into inductor's cache (precompile_blocks, from one call of each kind an epoch makes)."""
+        if self.args.compile_workers > 0:
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # once per node: the cache is on its disk
+                precompile_blocks(self.args, self.device, self.unet, self.epoch_calls, self.args.compile_workers,
+                                  self.log)
+            if self.world > 1:
+                torch.distributed.barrier()
+        compile_blocks(self.unet)
+
+    def epoch_calls(self):
+        """One UNet call of each kind an epoch makes, on zeros of its shapes (precompile_blocks' probe): sampling
+        (eval mode, no autograd; the evaluation's too), a training micro-batch with its backward (the re-score's
+        forward is the same), the step's shorter last micro-batch if it has one, and with --kl-coef and LoRA the
+        reference's forward (adapters off). (Full fine-tuning's KL reference, a copy, compiles in the first epoch.)"""
+        args, rwr = self.args, self.args.method in ("rwr", "rwr_sparse")
+
+        def call(rows, guidance_scale):  # (rows, C, h, w) latents, (rows,) timesteps, (rows, L, D) embeddings
+            x = torch.zeros(rows, *self.latent_shape, device=self.device)
+            t = torch.zeros(rows, dtype=torch.long, device=self.device)
+            uncond = self.uncond_embeds.expand(rows, -1, -1)
+            with self.autocast():
+                eps = predict_noise(self.unet, x, t, uncond.contiguous(), uncond, guidance_scale)
+            return [e.float().sum() for e in eps if e is not None]
+
+        self.unet.eval()
+        with torch.no_grad():
+            call(args.sample_batch_size, args.guidance_scale)
+        self.unet.train()
+        a, b = timestep_window(args) or (0, args.num_steps)
+        pairs = args.train_batch_size * args.gradient_accumulation_steps * max(1, int((b - a) * args.timestep_fraction))
+        m = args.train_micro_batch or args.train_batch_size
+        guidance_scale = 1.0 if rwr else args.guidance_scale  # RWR's denoising loss calls the UNet unguided
+        for rows in sorted({min(m, pairs), pairs % m} - {0}):
+            torch.autograd.backward(call(rows, guidance_scale))
+            if args.kl_coef > 0 and args.lora_rank > 0 and not rwr:
+                with torch.no_grad(), reference_model(self.unet, args)():
+                    call(rows, guidance_scale)
+
     def offloaded(self, module):
         return on_device(module, self.device) if self.args.offload_frozen else contextlib.nullcontext()
 
@@ -2139,8 +2187,6 @@ def setup_trainable(unet, args):
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
-    if args.compile:
-        compile_blocks(unet)
     return params
 
 
@@ -2148,13 +2194,169 @@ def compile_blocks(unet):
     """--compile: regional torch.compile, in place, of each ResNet and transformer block (blocks of one kind
     share graphs, so it compiles far faster than the whole UNet); the state-dict keys stay the same, so
     checkpoints do too. Each block's channel count and mode (sampling, training) is its own graph, ~30 for
-    SD's UNet: more than dynamo's default limit per function (8), past which it silently runs the rest eagerly."""
+    SD's UNet: more than dynamo's default limit per function (8), past which it silently runs the rest eagerly.
+    Static shapes (dynamic=False): a graph then depends on its call alone, not on which calls compiled before
+    it (dynamo's automatic dynamic shapes would make the second shape of a block symbolic), so that
+    --compile-workers' processes compile exactly the graphs the run will ask for."""
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for module in unet.modules():
         if type(module).__name__ in COMPILED_BLOCKS:
-            module.compile()
+            module.compile(dynamic=False)
+
+
+# --compile-workers: the blocks' graphs compiled by several processes at once, before the run compiles them.
+# The run records each distinct block call of its first epoch (probe_block_calls, on the eager UNet, from
+# calls of the epoch's shapes), hands a share of them to each worker process, which builds the same UNet and
+# makes its calls on random inputs of the same layouts, so that inductor's on-disk cache holds every graph;
+# the run's own compilation then loads them. Calls travel as plain tuples and dicts (pickled to a file).
+PLAIN = (bool, int, float, str, type(None))
+
+
+def tensor_specs(value):
+    """value with each tensor replaced by ("tensor", shape, stride, storage offset, dtype, requires_grad), what a
+    graph depends on, in tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.stride(), value.storage_offset(), value.dtype, value.requires_grad)
+    if isinstance(value, (tuple, list)):
+        return type(value)(map(tensor_specs, value))
+    if isinstance(value, dict):
+        return {k: tensor_specs(v) for k, v in value.items()}
+    return value
+
+
+def from_specs(value, device):
+    """tensor_specs inverted: random tensors of the recorded shapes, strides, offsets, dtypes and requires_grad."""
+    if isinstance(value, tuple) and value[:1] == ("tensor",):
+        _, shape, stride, offset, dtype, requires_grad = value
+        size = offset + 1 + sum((n - 1) * st for n, st in zip(shape, stride))
+        data = torch.randn(size, device=device).to(dtype) if dtype.is_floating_point \
+            else torch.zeros(size, dtype=dtype, device=device)
+        return data.as_strided(shape, stride, offset).detach().requires_grad_(requires_grad)
+    if isinstance(value, (tuple, list)):
+        return type(value)(from_specs(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: from_specs(v, device) for k, v in value.items()}
+    return value
+
+
+def probe_block_calls(unet, make_calls, device_type):
+    """Each distinct call of a --compile block that make_calls() makes on the (not yet compiled) UNet:
+    {variant: call}, a call being a dict of the block's name, its state (plain attributes of it and its
+    submodules: train mode, peft's adapter switches, ...; its parameters' requires_grad), the grad and autocast
+    modes, and its inputs as tensor_specs. A variant is what dynamo guards a graph on: all of that but the name,
+    and the parameters' shapes and dtypes (a block variant reappearing at another depth of the UNet is one)."""
+    found, hooks = {}, []
+
+    def record(block, args, kwargs, name):
+        state = ({sub: {k: v for k, v in vars(m).items() if isinstance(v, PLAIN)} for sub, m in block.named_modules()},
+                 {n: p.requires_grad for n, p in block.named_parameters()})
+        autocast = dict(enabled=torch.is_autocast_enabled(device_type), dtype=torch.get_autocast_dtype(device_type),
+                        cache_enabled=torch.is_autocast_cache_enabled())
+        call = dict(state=state, grad=torch.is_grad_enabled(), autocast=autocast, args=tensor_specs(args),
+                    kwargs=tensor_specs(kwargs))
+        params = [(n, tuple(p.shape), p.dtype) for n, p in block.named_parameters()]
+        found.setdefault(repr((type(block).__name__, params, call)), dict(name=name, **call))
+
+    for name, block in unet.named_modules():
+        if type(block).__name__ in COMPILED_BLOCKS:
+            hooks.append(block.register_forward_pre_hook(functools.partial(record, name=name), with_kwargs=True))
+    try:
+        make_calls()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return found
+
+
+def precompile_worker(path):
+    """One --compile-workers process (`python -c "import ddpo; ddpo.precompile_worker(path)"`): from the pickle
+    at `path`, the run's args, device and a share of its block calls. The run's UNet, built as the run builds
+    it, compiled block by block, and each call made once on random inputs, with a backward where autograd was
+    on: inductor's on-disk cache then holds their forward and backward graphs."""
+    import torch._inductor.config
+
+    job = torch.load(path, weights_only=False)
+    args, device = job["args"], torch.device(job["device"])
+    torch.set_num_threads(job["threads"])  # dynamo guards on it
+    torch._inductor.config.compile_threads = job["compile_threads"]  # this process's share of the cores
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    torch.manual_seed(args.seed)
+    unet = load_pipeline(args, device, precision(args, device)[0], log=lambda *a, **k: None).unet
+    select_unet_kernels(unet, device)
+    setup_trainable(unet, args)
+    compile_blocks(unet)
+    blocks = dict(unet.named_modules())
+    for call in job["calls"]:
+        block = blocks[call["name"]]
+        attributes, requires_grad = call["state"]
+        for sub, m in block.named_modules():
+            vars(m).update(attributes[sub])
+        for n, p in block.named_parameters():
+            p.requires_grad_(requires_grad[n])
+        with torch.set_grad_enabled(call["grad"]), torch.autocast(device.type, **call["autocast"]):
+            out = block(*from_specs(call["args"], device), **from_specs(call["kwargs"], device))
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else [out])
+                if isinstance(o, torch.Tensor) and o.requires_grad]
+        if outs:
+            torch.autograd.backward(outs, [torch.randn_like(o) for o in outs])
+
+
+def start_worker(path, env):
+    """A --compile-workers process on the job file at `path` (a Popen: .wait() returns its exit code)."""
+    import subprocess
+
+    return subprocess.Popen([sys.executable, "-c", "import sys, ddpo; ddpo.precompile_worker(sys.argv[1])", path],
+                            env=env)
+
+
+def precompile_blocks(args, device, unet, make_calls, workers, log=print):
+    """--compile-workers: the block variants that make_calls() uses, compiled into inductor's cache by `workers`
+    processes at once (each builds its own UNet) before the run compiles them itself. Nothing when inductor's
+    cache directory holds a note that these variants were compiled there, with this torch and device. Returns
+    the number of variants compiled (0 if none were)."""
+    import hashlib
+    import tempfile
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        variants = probe_block_calls(unet, make_calls, device.type)
+    unet.zero_grad(set_to_none=True)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    digest = hashlib.sha256(repr((sorted(variants), torch.__version__, where)).encode()).hexdigest()[:16]
+    note = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / f"ddpo-precompiled-{digest}"
+    if note.exists():
+        log(f"--compile: inductor's cache holds this run's {len(variants)} block variants (compiled before)")
+        return 0
+    calls = sorted(variants.values(), key=lambda c: not c["grad"])  # training's (forward and backward) first
+    workers = min(workers, len(calls))
+    log(f"--compile: compiling the UNet's {len(calls)} block variants in {workers} processes ...")
+    start = time.perf_counter()
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    with tempfile.TemporaryDirectory() as tmp:
+        processes = []
+        try:
+            for k in range(workers):
+                path = os.path.join(tmp, f"job{k}.pt")
+                torch.save({"args": args, "device": str(device), "calls": calls[k::workers],
+                            "threads": torch.get_num_threads(),
+                            "compile_threads": max(1, (os.cpu_count() or 1) // workers)}, path)
+                processes.append(start_worker(path, env))
+            failed = [code for code in (p.wait() for p in processes) if code != 0]
+        finally:  # stopped (Ctrl-C) or failed here: no worker left behind
+            for p in processes:
+                if p.poll() is None:
+                    p.kill()
+    if failed:
+        log(f"--compile: {len(failed)} of {workers} compile processes failed (exit codes {failed}); the first epoch "
+            "compiles what they did not")
+    else:
+        note.parent.mkdir(parents=True, exist_ok=True)
+        note.write_text(json.dumps({"variants": len(calls), "workers": workers, "torch": torch.__version__,
+                                    "device": where, "seconds": round(time.perf_counter() - start, 1)}))
+    log(f"--compile: {len(calls)} block variants compiled in {duration_text(time.perf_counter() - start)}")
+    return len(calls)
 
 
 CAPTURE_STREAM_WARNING = "The AccumulateGrad node's stream does not match"  # see GraphedUNet.capture

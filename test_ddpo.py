@@ -1248,6 +1248,7 @@ def user_rewards(tmp_path, monkeypatch):
     (["--clip-range", "0"], "--clip-range must be > 0 and finite (got 0.0)"),
     (["--adam-beta2", "1"], "--adam-beta2 must be in [0, 1) (got 1.0)"),
     (["--lora-rank", "-1"], "--lora-rank must be >= 0 (got -1)"),
+    (["--compile-workers", "-2"], "--compile-workers must be >= 0 (got -2)"),
     (["--save-every", "0"], "--save-every must be >= 1 (got 0)"),
     (["--num-epochs", "0"], "--num-epochs must be >= 1 (got 0)"),
     (["--num-steps", "1001"], "--num-steps must be <= 1000, the diffusion's training timesteps (got 1001)"),
@@ -3465,3 +3466,138 @@ def test_compile_with_the_lora_toggle_kl_ema_and_evaluation_recompiles_nothing_a
     epochs, _ = read_metrics(tmp_path / "compiled")
     assert epochs[0]["train/kl_ref_epoch_mean"] == 0 < epochs[2]["train/kl_ref_epoch_mean"]  # the reference moved apart
     assert any("eval/alignment" in line for line in lines["compiled"])
+
+
+def in_process_workers(monkeypatch, graphs, exit_code=0):
+    """--compile-workers' processes run here, one after another, as separate processes would: each from a clean
+    dynamo state, and leaving none behind for the run (torch._dynamo.reset after it), its global settings and
+    RNG restored. Each worker's graphs go to graphs["worker"], the run's after the workers to graphs["run"]
+    (by the recording backend of record_graphs)."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    def start_worker(path, env):
+        torch._dynamo.reset()
+        graphs["who"] = "worker"
+        with torch.random.fork_rng(), torch._inductor.config.patch(compile_threads=torch._inductor.config.compile_threads):
+            if exit_code == 0:
+                ddpo.precompile_worker(path)
+        graphs["who"] = "run"
+        torch._dynamo.reset()
+        return types.SimpleNamespace(wait=lambda: exit_code, poll=lambda: exit_code)
+
+    monkeypatch.setattr(ddpo, "start_worker", start_worker)
+
+
+def record_graphs(monkeypatch, graphs):
+    """torch.compile on a backend that runs each graph eagerly and records it: its code, its inputs' layouts
+    and requires_grad, and the grad mode, which together are what a compiled graph is (and what inductor's
+    cache keys it by), under graphs[graphs["who"]] (None: not recorded)."""
+    def backend(gm, inputs):
+        if graphs["who"]:
+            layouts = tuple((tuple(x.shape), x.stride(), x.dtype, x.requires_grad) if isinstance(x, torch.Tensor)
+                            else x for x in inputs)
+            graphs[graphs["who"]].append((gm.code, layouts, torch.is_grad_enabled()))
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: real_compile(fn, *a, **{**k, "backend": backend}))
+
+
+@slow
+@pytest.mark.parametrize("config", ["tiny", "lora-kl-ema-eval-bf16"])
+def test_compile_workers_compile_exactly_the_graphs_the_run_compiles(tmp_path, monkeypatch, capsys, config):
+    """--compile-workers: the block calls the run records before its first epoch (probe_block_calls on
+    Run.epoch_calls), made by the workers on random inputs of the same layouts, compile the graphs that the
+    run's epochs then compile, all of them and no other, each once (a variant split in two would be compiled
+    twice). Checked on the tiny preset (full fine-tuning, fp32) and with LoRA, --kl-coef (the adapters switched
+    off for the reference's calls), EMA and evaluation, bf16 autocast with the exact-ratio re-score, and a
+    shorter last micro-batch (8 x 4 pairs per step in micro-batches of 3), over two epochs. The workers run in
+    this process, with dynamo reset before and after each."""
+    import torch._dynamo
+
+    argv = [*TINY_QUICK, "--num-epochs", "2", "--compile", "--compile-workers", "2"]
+    if config != "tiny":
+        argv += [*LORA_CFG, "--kl-coef", "0.1", "--ema-decay", "0.9", "--eval-every", "1", "--mixed-precision", "bf16",
+                 "--train-micro-batch", "3"]
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    graphs = {"who": None, "worker": [], "run": []}
+    record_graphs(monkeypatch, graphs)
+    in_process_workers(monkeypatch, graphs)
+    torch._dynamo.reset()
+    try:
+        ddpo.main([*argv, "--run-dir", str(tmp_path / "run")])
+    finally:
+        torch._dynamo.reset()
+    out = capsys.readouterr().out
+    variants = int(re.search(r"compiling the UNet's (\d+) block variants in 2 processes", out)[1])
+    assert len(graphs["worker"]) == len(set(graphs["worker"])) == variants > 5  # each variant one graph, once
+    assert set(graphs["run"]) == set(graphs["worker"])  # the run compiled what the workers did, nothing else
+    assert len(graphs["run"]) == variants  # and nothing twice
+    if config != "tiny":  # the reference's calls (adapters off, no autograd) are variants of their own
+        assert len([g for g in graphs["worker"] if not g[2]]) > len([g for g in graphs["worker"] if g[2]]) > 0
+    # a second run in the same cache: its note says these were compiled there; no worker starts
+    graphs.update(who=None, worker=[], run=[])
+    ddpo.main([*argv, "--run-dir", str(tmp_path / "again")])
+    torch._dynamo.reset()
+    out = capsys.readouterr().out
+    assert f"inductor's cache holds this run's {variants} block variants" in out and "compiling the UNet" not in out
+
+
+@slow
+def test_compile_workers_failing_leave_the_compiling_to_the_run(tmp_path, monkeypatch, capsys):
+    """A worker that fails (here each exits with 1 before compiling) costs nothing but its time: the run says so
+    and compiles the graphs itself in its first epoch; no note is left, so the next run tries again."""
+    import torch._dynamo
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    graphs = {"who": "run", "worker": [], "run": []}
+    record_graphs(monkeypatch, graphs)
+    in_process_workers(monkeypatch, graphs, exit_code=1)
+    torch._dynamo.reset()
+    try:
+        ddpo.main([*TINY_QUICK, "--num-epochs", "1", "--compile", "--compile-workers", "2",
+                   "--run-dir", str(tmp_path / "run")])
+    finally:
+        torch._dynamo.reset()
+    out = capsys.readouterr().out
+    assert "2 of 2 compile processes failed (exit codes [1, 1]); the first epoch compiles what they did not" in out
+    assert graphs["worker"] == [] and len(graphs["run"]) > 5
+    assert not list((tmp_path / "inductor").glob("ddpo-precompiled-*"))
+    assert (tmp_path / "run" / "checkpoints" / "epoch_0001").is_dir()
+
+
+@slow
+def test_compile_workers_fill_inductors_cache_so_the_run_compiles_nothing(tmp_path, monkeypatch, capsys):
+    """--compile-workers 2 for real: two `python -c` processes compile the tiny preset's block variants with
+    inductor (C++ on the CPU) into an empty cache directory, and the run's first epoch then finds every graph
+    there: inductor's FX-graph cache and AOTAutograd's cache report hits and not one miss during the epoch."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    at_start = {}
+    real_begin = ddpo.Run.begin_epoch
+
+    def begin_epoch(self, epoch):
+        at_start.update(fx=dict(counters["inductor"]), aot=dict(counters["aot_autograd"]))
+        return real_begin(self, epoch)
+
+    monkeypatch.setattr(ddpo.Run, "begin_epoch", begin_epoch)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        ddpo.main([*TINY_QUICK, "--num-epochs", "1", "--compile", "--compile-workers", "2",
+                   "--run-dir", str(tmp_path / "run")])
+    finally:
+        torch._dynamo.reset()
+    out = capsys.readouterr().out
+    assert re.search(r"--compile: (\d+) block variants compiled in", out)
+
+    def during_epoch(kind, name):
+        return counters[kind].get(name, 0) - at_start["fx" if kind == "inductor" else "aot"].get(name, 0)
+
+    assert during_epoch("inductor", "fxgraph_cache_miss") == 0 and during_epoch("inductor", "fxgraph_cache_hit") > 5
+    assert during_epoch("aot_autograd", "autograd_cache_miss") == 0
+    assert during_epoch("aot_autograd", "autograd_cache_hit") > 5
+    assert len(list((tmp_path / "inductor").glob("ddpo-precompiled-*"))) == 1
