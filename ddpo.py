@@ -45,6 +45,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -643,8 +644,9 @@ class Args:
                         "TORCHINDUCTOR_CACHE_DIR is set, for later runs and resumes)")
     compile_workers: int = arg(0, "--compile: compile the blocks' graphs in this many processes at once before the "
                                "first epoch, into inductor's cache, from which the run then loads them (skipped when "
-                               "the cache holds them already); 0 = off: the first epoch compiles them one after "
-                               "another. Each process loads the UNet. Unmeasured on GPUs; on a 2-core CPU no faster")
+                               "the cache holds them already; static shapes, so some more graphs); 0 = off: the first "
+                               "epoch compiles them one after another. Each process loads the UNet. Unmeasured on "
+                               "GPUs; on a 2-core CPU no faster")
     cuda_graphs: str = arg("auto", "auto | on | all | off: replay the training step's UNet forward and backward "
                            "from CUDA graphs (one capture, then two launches per call instead of thousands); auto = on "
                            "for LoRA on a CUDA device without --compile or --gradient-checkpointing ('on' also "
@@ -1179,7 +1181,7 @@ class Run:
                                   self.log)
             if self.world > 1:
                 torch.distributed.barrier()
-        compile_blocks(self.unet)
+        compile_blocks(self.unet, static=self.args.compile_workers > 0)
 
     def epoch_calls(self):
         """One UNet call of each kind an epoch makes, on zeros of its shapes (precompile_blocks' probe): sampling
@@ -2190,20 +2192,20 @@ def setup_trainable(unet, args):
     return params
 
 
-def compile_blocks(unet):
+def compile_blocks(unet, static=False):
     """--compile: regional torch.compile, in place, of each ResNet and transformer block (blocks of one kind
     share graphs, so it compiles far faster than the whole UNet); the state-dict keys stay the same, so
     checkpoints do too. Each block's channel count and mode (sampling, training) is its own graph, ~30 for
     SD's UNet: more than dynamo's default limit per function (8), past which it silently runs the rest eagerly.
-    Static shapes (dynamic=False): a graph then depends on its call alone, not on which calls compiled before
-    it (dynamo's automatic dynamic shapes would make the second shape of a block symbolic), so that
-    --compile-workers' processes compile exactly the graphs the run will ask for."""
+    static=True (--compile-workers): static shapes, so that a graph depends on its call alone, not on which
+    calls compiled before it (by default dynamo makes a block's dimensions symbolic once it has seen two
+    sizes: fewer graphs, but each shaped by the calls before it, which a worker process cannot know)."""
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for module in unet.modules():
         if type(module).__name__ in COMPILED_BLOCKS:
-            module.compile(dynamic=False)
+            module.compile(dynamic=False if static else None)
 
 
 # --compile-workers: the blocks' graphs compiled by several processes at once, before the run compiles them.
@@ -2272,13 +2274,14 @@ def probe_block_calls(unet, make_calls, device_type):
 
 def precompile_worker(path):
     """One --compile-workers process (`python -c "import ddpo; ddpo.precompile_worker(path)"`): from the pickle
-    at `path`, the run's args, device and a share of its block calls. The run's UNet, built as the run builds
+    at `path`, the run's arguments (a dict), device and a share of its block calls. The run's UNet, built as the run builds
     it, compiled block by block, and each call made once on random inputs, with a backward where autograd was
     on: inductor's on-disk cache then holds their forward and backward graphs."""
     import torch._inductor.config
 
-    job = torch.load(path, weights_only=False)
-    args, device = job["args"], torch.device(job["device"])
+    with open(path, "rb") as f:
+        job = pickle.load(f)
+    args, device = Args(**job["args"]), torch.device(job["device"])
     torch.set_num_threads(job["threads"])  # dynamo guards on it
     torch._inductor.config.compile_threads = job["compile_threads"]  # this process's share of the cores
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
@@ -2286,7 +2289,7 @@ def precompile_worker(path):
     unet = load_pipeline(args, device, precision(args, device)[0], log=lambda *a, **k: None).unet
     select_unet_kernels(unet, device)
     setup_trainable(unet, args)
-    compile_blocks(unet)
+    compile_blocks(unet, static=True)
     blocks = dict(unet.named_modules())
     for call in job["calls"]:
         block = blocks[call["name"]]
@@ -2338,24 +2341,26 @@ def precompile_blocks(args, device, unet, make_calls, workers, log=print):
         processes = []
         try:
             for k in range(workers):
-                path = os.path.join(tmp, f"job{k}.pt")
-                torch.save({"args": args, "device": str(device), "calls": calls[k::workers],
-                            "threads": torch.get_num_threads(),
-                            "compile_threads": max(1, (os.cpu_count() or 1) // workers)}, path)
+                path = os.path.join(tmp, f"job{k}.pickle")
+                with open(path, "wb") as f:  # plain values only: run as a script, this module is __main__
+                    pickle.dump({"args": dataclasses.asdict(args), "device": str(device), "calls": calls[k::workers],
+                                 "threads": torch.get_num_threads(),
+                                 "compile_threads": max(1, (os.cpu_count() or 1) // workers)}, f)
                 processes.append(start_worker(path, env))
             failed = [code for code in (p.wait() for p in processes) if code != 0]
         finally:  # stopped (Ctrl-C) or failed here: no worker left behind
             for p in processes:
                 if p.poll() is None:
                     p.kill()
+    seconds = time.perf_counter() - start
     if failed:
-        log(f"--compile: {len(failed)} of {workers} compile processes failed (exit codes {failed}); the first epoch "
-            "compiles what they did not")
-    else:
-        note.parent.mkdir(parents=True, exist_ok=True)
-        note.write_text(json.dumps({"variants": len(calls), "workers": workers, "torch": torch.__version__,
-                                    "device": where, "seconds": round(time.perf_counter() - start, 1)}))
-    log(f"--compile: {len(calls)} block variants compiled in {duration_text(time.perf_counter() - start)}")
+        log(f"--compile: {len(failed)} of {workers} compile processes failed (exit codes {failed}) after "
+            f"{duration_text(seconds)}; the first epoch compiles what they did not")
+        return 0
+    note.parent.mkdir(parents=True, exist_ok=True)
+    note.write_text(json.dumps({"variants": len(calls), "workers": workers, "torch": torch.__version__,
+                                "device": where, "seconds": round(seconds, 1)}))
+    log(f"--compile: {len(calls)} block variants compiled in {duration_text(seconds)}")
     return len(calls)
 
 

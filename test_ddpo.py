@@ -3468,7 +3468,7 @@ def test_compile_with_the_lora_toggle_kl_ema_and_evaluation_recompiles_nothing_a
     assert any("eval/alignment" in line for line in lines["compiled"])
 
 
-def in_process_workers(monkeypatch, graphs, exit_code=0):
+def in_process_workers(monkeypatch, graphs, exit_code=0, jobs=None):
     """--compile-workers' processes run here, one after another, as separate processes would: each from a clean
     dynamo state, and leaving none behind for the run (torch._dynamo.reset after it), its global settings and
     RNG restored. Each worker's graphs go to graphs["worker"], the run's after the workers to graphs["run"]
@@ -3477,6 +3477,9 @@ def in_process_workers(monkeypatch, graphs, exit_code=0):
     import torch._inductor.config
 
     def start_worker(path, env):
+        if jobs is not None:
+            jobs.append(path)
+            shutil.copy(path, Path(path).parent.parent)  # out of the temporary directory the run removes
         torch._dynamo.reset()
         graphs["who"] = "worker"
         with torch.random.fork_rng(), torch._inductor.config.patch(compile_threads=torch._inductor.config.compile_threads):
@@ -3551,9 +3554,9 @@ def test_compile_workers_failing_leave_the_compiling_to_the_run(tmp_path, monkey
     import torch._dynamo
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    graphs = {"who": "run", "worker": [], "run": []}
+    graphs, jobs = {"who": "run", "worker": [], "run": []}, []
     record_graphs(monkeypatch, graphs)
-    in_process_workers(monkeypatch, graphs, exit_code=1)
+    in_process_workers(monkeypatch, graphs, exit_code=1, jobs=jobs)
     torch._dynamo.reset()
     try:
         ddpo.main([*TINY_QUICK, "--num-epochs", "1", "--compile", "--compile-workers", "2",
@@ -3561,10 +3564,21 @@ def test_compile_workers_failing_leave_the_compiling_to_the_run(tmp_path, monkey
     finally:
         torch._dynamo.reset()
     out = capsys.readouterr().out
-    assert "2 of 2 compile processes failed (exit codes [1, 1]); the first epoch compiles what they did not" in out
+    assert re.search(r"2 of 2 compile processes failed \(exit codes \[1, 1\]\) after \d+s; the first epoch compiles "
+                     "what they did not", out) and "block variants compiled in" not in out
     assert graphs["worker"] == [] and len(graphs["run"]) > 5
     assert not list((tmp_path / "inductor").glob("ddpo-precompiled-*"))
     assert (tmp_path / "run" / "checkpoints" / "epoch_0001").is_dir()
+    # The job files hold plain values: a process that cannot import ddpo reads them (run as a script, ddpo is
+    # __main__, and a pickled ddpo.Args would name __main__.Args, which the worker's __main__ does not have).
+    assert len(jobs) == 2
+    for path in jobs:
+        copy_ = Path(path).parent.parent / Path(path).name
+        read = subprocess.run([sys.executable, "-c", "import pickle, sys; job = pickle.load(open(sys.argv[1], 'rb')); "
+                               "print(job['args']['model'], len(job['calls']))", str(copy_)],
+                              cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+                              capture_output=True, text=True)
+        assert read.returncode == 0 and read.stdout.split()[0] == "tiny", read.stderr
 
 
 @slow
