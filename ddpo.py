@@ -56,7 +56,7 @@ import time
 import traceback
 import types
 import warnings
-from collections import Counter, deque, namedtuple
+from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -2274,9 +2274,9 @@ def probe_block_calls(unet, make_calls, device_type):
 
 def precompile_worker(path):
     """One --compile-workers process (`python -c "import ddpo; ddpo.precompile_worker(path)"`): from the pickle
-    at `path`, the run's arguments (a dict), device and a share of its block calls. The run's UNet, built as the run builds
-    it, compiled block by block, and each call made once on random inputs, with a backward where autograd was
-    on: inductor's on-disk cache then holds their forward and backward graphs."""
+    at `path`, the run's arguments (a dict), device and a share of its block calls. The run's UNet, built as the
+    run builds it, compiled block by block, and each call made once on random inputs, with a backward where
+    autograd was on: inductor's on-disk cache then holds their forward and backward graphs."""
     import torch._inductor.config
 
     with open(path, "rb") as f:

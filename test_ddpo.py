@@ -3482,7 +3482,8 @@ def in_process_workers(monkeypatch, graphs, exit_code=0, jobs=None):
             shutil.copy(path, Path(path).parent.parent)  # out of the temporary directory the run removes
         torch._dynamo.reset()
         graphs["who"] = "worker"
-        with torch.random.fork_rng(), torch._inductor.config.patch(compile_threads=torch._inductor.config.compile_threads):
+        threads = torch._inductor.config.compile_threads  # the worker sets its own share
+        with torch.random.fork_rng(), torch._inductor.config.patch(compile_threads=threads):
             if exit_code == 0:
                 ddpo.precompile_worker(path)
         graphs["who"] = "run"
