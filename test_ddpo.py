@@ -3508,6 +3508,18 @@ def record_graphs(monkeypatch, graphs):
     monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: real_compile(fn, *a, **{**k, "backend": backend}))
 
 
+def main_from_clean_dynamo(argv):
+    """ddpo.main(argv) with dynamo's caches cleared before and after: graphs compiled by other tests neither
+    serve this run nor outlive it."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    try:
+        ddpo.main(argv)
+    finally:
+        torch._dynamo.reset()
+
+
 @slow
 @pytest.mark.parametrize("config", ["tiny", "lora-kl-ema-eval-bf16"])
 def test_compile_workers_compile_exactly_the_graphs_the_run_compiles(tmp_path, monkeypatch, capsys, config):
@@ -3518,8 +3530,6 @@ def test_compile_workers_compile_exactly_the_graphs_the_run_compiles(tmp_path, m
     off for the reference's calls), EMA and evaluation, bf16 autocast with the exact-ratio re-score, and a
     shorter last micro-batch (8 x 4 pairs per step in micro-batches of 3), over two epochs. The workers run in
     this process, with dynamo reset before and after each."""
-    import torch._dynamo
-
     argv = [*TINY_QUICK, "--num-epochs", "2", "--compile", "--compile-workers", "2"]
     if config != "tiny":
         argv += [*LORA_CFG, "--kl-coef", "0.1", "--ema-decay", "0.9", "--eval-every", "1", "--mixed-precision", "bf16",
@@ -3528,11 +3538,7 @@ def test_compile_workers_compile_exactly_the_graphs_the_run_compiles(tmp_path, m
     graphs = {"who": None, "worker": [], "run": []}
     record_graphs(monkeypatch, graphs)
     in_process_workers(monkeypatch, graphs)
-    torch._dynamo.reset()
-    try:
-        ddpo.main([*argv, "--run-dir", str(tmp_path / "run")])
-    finally:
-        torch._dynamo.reset()
+    main_from_clean_dynamo([*argv, "--run-dir", str(tmp_path / "run")])
     out = capsys.readouterr().out
     variants = int(re.search(r"compiling the UNet's (\d+) block variants in 2 processes", out)[1])
     assert len(graphs["worker"]) == len(set(graphs["worker"])) == variants > 5  # each variant one graph, once
@@ -3542,8 +3548,7 @@ def test_compile_workers_compile_exactly_the_graphs_the_run_compiles(tmp_path, m
         assert len([g for g in graphs["worker"] if not g[2]]) > len([g for g in graphs["worker"] if g[2]]) > 0
     # a second run in the same cache: its note says these were compiled there; no worker starts
     graphs.update(who=None, worker=[], run=[])
-    ddpo.main([*argv, "--run-dir", str(tmp_path / "again")])
-    torch._dynamo.reset()
+    main_from_clean_dynamo([*argv, "--run-dir", str(tmp_path / "again")])
     out = capsys.readouterr().out
     assert f"inductor's cache holds this run's {variants} block variants" in out and "compiling the UNet" not in out
 
@@ -3552,18 +3557,12 @@ def test_compile_workers_compile_exactly_the_graphs_the_run_compiles(tmp_path, m
 def test_compile_workers_failing_leave_the_compiling_to_the_run(tmp_path, monkeypatch, capsys):
     """A worker that fails (here each exits with 1 before compiling) costs nothing but its time: the run says so
     and compiles the graphs itself in its first epoch; no note is left, so the next run tries again."""
-    import torch._dynamo
-
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     graphs, jobs = {"who": "run", "worker": [], "run": []}, []
     record_graphs(monkeypatch, graphs)
     in_process_workers(monkeypatch, graphs, exit_code=1, jobs=jobs)
-    torch._dynamo.reset()
-    try:
-        ddpo.main([*TINY_QUICK, "--num-epochs", "1", "--compile", "--compile-workers", "2",
-                   "--run-dir", str(tmp_path / "run")])
-    finally:
-        torch._dynamo.reset()
+    main_from_clean_dynamo([*TINY_QUICK, "--num-epochs", "1", "--compile", "--compile-workers", "2",
+                            "--run-dir", str(tmp_path / "run")])
     out = capsys.readouterr().out
     assert re.search(r"2 of 2 compile processes failed \(exit codes \[1, 1\]\) after \d+s; the first epoch compiles "
                      "what they did not", out) and "block variants compiled in" not in out
@@ -3587,7 +3586,6 @@ def test_compile_workers_fill_inductors_cache_so_the_run_compiles_nothing(tmp_pa
     """--compile-workers 2 for real: two `python -c` processes compile the tiny preset's block variants with
     inductor (C++ on the CPU) into an empty cache directory, and the run's first epoch then finds every graph
     there: inductor's FX-graph cache and AOTAutograd's cache report hits and not one miss during the epoch."""
-    import torch._dynamo
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
@@ -3599,13 +3597,9 @@ def test_compile_workers_fill_inductors_cache_so_the_run_compiles_nothing(tmp_pa
         return real_begin(self, epoch)
 
     monkeypatch.setattr(ddpo.Run, "begin_epoch", begin_epoch)
-    torch._dynamo.reset()
     counters.clear()
-    try:
-        ddpo.main([*TINY_QUICK, "--num-epochs", "1", "--compile", "--compile-workers", "2",
-                   "--run-dir", str(tmp_path / "run")])
-    finally:
-        torch._dynamo.reset()
+    main_from_clean_dynamo([*TINY_QUICK, "--num-epochs", "1", "--compile", "--compile-workers", "2",
+                            "--run-dir", str(tmp_path / "run")])
     out = capsys.readouterr().out
     assert re.search(r"--compile: (\d+) block variants compiled in", out)
 
