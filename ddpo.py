@@ -2307,7 +2307,7 @@ def precompile_worker(path):
 
 
 def start_worker(path, env):
-    """A --compile-workers process on the job file at `path` (a Popen: .wait() returns its exit code)."""
+    """A --compile-workers process on the job file at `path` (a Popen: .poll() is its exit code once it ends)."""
     import subprocess
 
     return subprocess.Popen([sys.executable, "-c", "import sys, ddpo; ddpo.precompile_worker(sys.argv[1])", path],
@@ -2347,7 +2347,15 @@ def precompile_blocks(args, device, unet, make_calls, workers, log=print):
                                  "threads": torch.get_num_threads(),
                                  "compile_threads": max(1, (os.cpu_count() or 1) // workers)}, f)
                 processes.append(start_worker(path, env))
-            failed = [code for code in (p.wait() for p in processes) if code != 0]
+            running, failed = set(range(workers)), []
+            while running:  # a line as each finishes: minutes pass otherwise without one
+                for k in sorted(k for k in running if processes[k].poll() is not None):
+                    running.discard(k)
+                    code = processes[k].poll()
+                    failed += [code] if code else []
+                    log(f"--compile: process {k + 1} of {workers} {'failed, exit code %d' % code if code else 'done'} "
+                        f"({len(calls[k::workers])} variants) at {duration_text(time.perf_counter() - start)}")
+                time.sleep(0.2)
         finally:  # stopped (Ctrl-C) or failed here: no worker left behind
             for p in processes:
                 if p.poll() is None:

@@ -3488,7 +3488,7 @@ def in_process_workers(monkeypatch, graphs, exit_code=0, jobs=None):
                 ddpo.precompile_worker(path)
         graphs["who"] = "run"
         torch._dynamo.reset()
-        return types.SimpleNamespace(wait=lambda: exit_code, poll=lambda: exit_code)
+        return types.SimpleNamespace(poll=lambda: exit_code)
 
     monkeypatch.setattr(ddpo, "start_worker", start_worker)
 
@@ -3541,6 +3541,8 @@ def test_compile_workers_compile_exactly_the_graphs_the_run_compiles(tmp_path, m
     main_from_clean_dynamo([*argv, "--run-dir", str(tmp_path / "run")])
     out = capsys.readouterr().out
     variants = int(re.search(r"compiling the UNet's (\d+) block variants in 2 processes", out)[1])
+    shares = [int(n) for n in re.findall(r"--compile: process [12] of 2 done \((\d+) variants\)", out)]
+    assert sorted(shares) == [variants // 2, variants - variants // 2]  # each its share, both reported
     assert len(graphs["worker"]) == len(set(graphs["worker"])) == variants > 5  # each variant one graph, once
     assert set(graphs["run"]) == set(graphs["worker"])  # the run compiled what the workers did, nothing else
     assert len(graphs["run"]) == variants  # and nothing twice
@@ -3566,6 +3568,7 @@ def test_compile_workers_failing_leave_the_compiling_to_the_run(tmp_path, monkey
     out = capsys.readouterr().out
     assert re.search(r"2 of 2 compile processes failed \(exit codes \[1, 1\]\) after \d+s; the first epoch compiles "
                      "what they did not", out) and "block variants compiled in" not in out
+    assert re.search(r"--compile: process 1 of 2 failed, exit code 1 \(\d+ variants\) at \d+s", out)
     assert graphs["worker"] == [] and len(graphs["run"]) > 5
     assert not list((tmp_path / "inductor").glob("ddpo-precompiled-*"))
     assert (tmp_path / "run" / "checkpoints" / "epoch_0001").is_dir()
