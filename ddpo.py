@@ -902,6 +902,8 @@ def validate(args: Args):
     for flag in ("lora_rank", "train_micro_batch", "image_every"):
         need(getattr(args, flag) >= 0, flag, getattr(args, flag), ">= 0")
     need(args.compile_workers >= 0, "compile_workers", args.compile_workers, ">= 0")
+    need(args.compile or not args.compile_workers, "compile_workers", args.compile_workers,
+         "0 without --compile (its processes compile --compile's graphs)")
     need(args.resolution is None or args.resolution >= 1, "resolution", args.resolution, ">= 1")
     need(args.num_steps <= 1000, "num_steps", args.num_steps, "<= 1000, the diffusion's training timesteps")
     need(args.stat_min_count <= args.stat_buffer_size, "stat_min_count", args.stat_min_count,

@@ -1248,7 +1248,9 @@ def user_rewards(tmp_path, monkeypatch):
     (["--clip-range", "0"], "--clip-range must be > 0 and finite (got 0.0)"),
     (["--adam-beta2", "1"], "--adam-beta2 must be in [0, 1) (got 1.0)"),
     (["--lora-rank", "-1"], "--lora-rank must be >= 0 (got -1)"),
-    (["--compile-workers", "-2"], "--compile-workers must be >= 0 (got -2)"),
+    (["--compile", "--compile-workers", "-2"], "--compile-workers must be >= 0 (got -2)"),
+    (["--compile-workers", "2"], "--compile-workers must be 0 without --compile (its processes compile --compile's "
+                                 "graphs) (got 2)"),
     (["--save-every", "0"], "--save-every must be >= 1 (got 0)"),
     (["--num-epochs", "0"], "--num-epochs must be >= 1 (got 0)"),
     (["--num-steps", "1001"], "--num-steps must be <= 1000, the diffusion's training timesteps (got 1001)"),
