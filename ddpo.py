@@ -1204,15 +1204,16 @@ class Run:
         with torch.no_grad():
             call(args.sample_batch_size, args.guidance_scale)
         self.unet.train()
-        a, b = timestep_window(args) or (0, args.num_steps)
-        pairs = args.train_batch_size * args.gradient_accumulation_steps * max(1, int((b - a) * args.timestep_fraction))
-        m = args.train_micro_batch or args.train_batch_size
+        plan = training_plan(args.sample_batch_size * args.sample_num_batches, args.num_steps, args.train_batch_size,
+                             args.gradient_accumulation_steps, args.timestep_fraction,
+                             args.train_micro_batch or args.train_batch_size, torch.Generator(), timestep_window(args))
         guidance_scale = 1.0 if rwr else args.guidance_scale  # RWR's denoising loss calls the UNet unguided
-        for rows in sorted({min(m, pairs), pairs % m} - {0}):
+        for rows in sorted({len(i) for micro_batches in plan for i, _ in micro_batches}):  # the micro-batch sizes
             torch.autograd.backward(call(rows, guidance_scale))
             if args.kl_coef > 0 and args.lora_rank > 0 and not rwr:
                 with torch.no_grad(), reference_model(self.unet, args)():
                     call(rows, guidance_scale)
+        self.unet.zero_grad(set_to_none=True)  # the backwards' gradients, in no optimizer step
 
     def offloaded(self, module):
         return on_device(module, self.device) if self.args.offload_frozen else contextlib.nullcontext()
@@ -2326,7 +2327,6 @@ def precompile_blocks(args, device, unet, make_calls, workers, log=print):
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         variants = probe_block_calls(unet, make_calls, device.type)
-    unet.zero_grad(set_to_none=True)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     digest = hashlib.sha256(repr((sorted(variants), torch.__version__, where)).encode()).hexdigest()[:16]
     note = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / f"ddpo-precompiled-{digest}"
