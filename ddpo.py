@@ -2320,8 +2320,7 @@ def start_worker(path, env):
 def precompile_blocks(args, device, unet, make_calls, workers, log=print):
     """--compile-workers: the block variants that make_calls() uses, compiled into inductor's cache by `workers`
     processes at once (each builds its own UNet) before the run compiles them itself. Nothing when inductor's
-    cache directory holds a note that these variants were compiled there, with this torch and device. Returns
-    the number of variants compiled (0 if none were)."""
+    cache directory holds a note that these variants were compiled there, with this torch and device."""
     import hashlib
     import tempfile
 
@@ -2332,7 +2331,7 @@ def precompile_blocks(args, device, unet, make_calls, workers, log=print):
     note = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / f"ddpo-precompiled-{digest}"
     if note.exists():
         log(f"--compile: inductor's cache holds this run's {len(variants)} block variants (compiled before)")
-        return 0
+        return
     calls = sorted(variants.values(), key=lambda c: not c["grad"])  # training's (forward and backward) first
     workers = min(workers, len(calls))
     log(f"--compile: compiling the UNet's {len(calls)} block variants in {workers} processes ...")
@@ -2366,12 +2365,11 @@ def precompile_blocks(args, device, unet, make_calls, workers, log=print):
     if failed:
         log(f"--compile: {len(failed)} of {workers} compile processes failed (exit codes {failed}) after "
             f"{duration_text(seconds)}; the first epoch compiles what they did not")
-        return 0
+        return
     note.parent.mkdir(parents=True, exist_ok=True)
     note.write_text(json.dumps({"variants": len(calls), "workers": workers, "torch": torch.__version__,
                                 "device": where, "seconds": round(seconds, 1)}))
     log(f"--compile: {len(calls)} block variants compiled in {duration_text(seconds)}")
-    return len(calls)
 
 
 CAPTURE_STREAM_WARNING = "The AccumulateGrad node's stream does not match"  # see GraphedUNet.capture
