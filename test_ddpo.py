@@ -1839,10 +1839,15 @@ def test_channels_last_unet_computes_the_same():
 def fake_make_graphed(module, sample_args, log):
     """A CPU stand-in for torch.cuda.make_graphed_callables with its memory behaviour: each backward writes
     the weights' gradients into the same static tensors and returns them (detached), as its graph replay
-    does. The forward and backward run eagerly (the graphs' kernels are eager's: bitwise the same on an H200)."""
+    does. The forward and backward run eagerly (the graphs' kernels are eager's: bitwise the same on an H200).
+    Like the real one, it first makes a warm-up call, forward and backward, under the autocast and grad mode it
+    is called in (the real one captures its kernels there; under --compile, those calls compile the blocks)."""
     params = tuple(p for p in module.parameters() if p.requires_grad)
     static_grads = [torch.zeros_like(p) for p in params]
     log.append(tuple(a.shape for a in sample_args))
+    with torch.enable_grad():  # no RNG drawn, no gradient accumulated: the run's numbers stay eager's
+        out = module(*sample_args)
+        torch.autograd.grad(out, params, torch.ones_like(out), allow_unused=True)
 
     class Replay(torch.autograd.Function):
         @staticmethod
@@ -3523,19 +3528,30 @@ def main_from_clean_dynamo(argv):
 
 
 @slow
-@pytest.mark.parametrize("config", ["tiny", "lora-kl-ema-eval-bf16"])
+@pytest.mark.parametrize("config", ["tiny", "lora-kl-ema-eval-bf16", "lora-bf16-cuda-graphs-all"])
 def test_compile_workers_compile_exactly_the_graphs_the_run_compiles(tmp_path, monkeypatch, capsys, config):
     """--compile-workers: the block calls the run records before its first epoch (probe_block_calls on
     Run.epoch_calls), made by the workers on random inputs of the same layouts, compile the graphs that the
     run's epochs then compile, all of them and no other, each once (a variant split in two would be compiled
     twice). Checked on the tiny preset (full fine-tuning, fp32) and with LoRA, --kl-coef (the adapters switched
     off for the reference's calls), EMA and evaluation, bf16 autocast with the exact-ratio re-score, and a
-    shorter last micro-batch (8 x 4 pairs per step in micro-batches of 3), over two epochs. The workers run in
-    this process, with dynamo reset before and after each."""
+    shorter last micro-batch (8 x 4 pairs per step in micro-batches of 3), over two epochs; and as a GPU run with
+    --cuda-graphs all would (CUDA only, so here forced on, with the CPU stand-ins for the captures): the training
+    calls' blocks compiled in the capture's calls, under its autocast without the cast cache, the sampling calls'
+    in the sampling graph's, the shorter micro-batch's eagerly. The workers run in this process, with dynamo
+    reset before and after each."""
     argv = [*TINY_QUICK, "--num-epochs", "2", "--compile", "--compile-workers", "2"]
-    if config != "tiny":
+    if config == "lora-kl-ema-eval-bf16":
         argv += [*LORA_CFG, "--kl-coef", "0.1", "--ema-decay", "0.9", "--eval-every", "1", "--mixed-precision", "bf16",
                  "--train-micro-batch", "3"]
+    captures, sampling_captures = [], []
+    if config == "lora-bf16-cuda-graphs-all":
+        argv += [*LORA_CFG, "--mixed-precision", "bf16", "--train-micro-batch", "3", "--cuda-graphs", "all"]
+        real_validate = ddpo.validate
+        monkeypatch.setattr(ddpo, "validate", lambda args: real_validate(dataclasses.replace(args, cuda_graphs="off")))
+        monkeypatch.setattr(ddpo, "GraphedUNet", functools.partial(
+            ddpo.GraphedUNet, make_graphed=lambda m, a, **_: fake_make_graphed(m, a, captures),
+            make_sampling_graph=lambda u, a, ac: fake_sampling_graph(u, a, ac, sampling_captures)))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     graphs = {"who": None, "worker": [], "run": []}
     record_graphs(monkeypatch, graphs)
@@ -3548,8 +3564,10 @@ def test_compile_workers_compile_exactly_the_graphs_the_run_compiles(tmp_path, m
     assert len(graphs["worker"]) == len(set(graphs["worker"])) == variants > 5  # each variant one graph, once
     assert set(graphs["run"]) == set(graphs["worker"])  # the run compiled what the workers did, nothing else
     assert len(graphs["run"]) == variants  # and nothing twice
-    if config != "tiny":  # the reference's calls (adapters off, no autograd) are variants of their own
+    if config == "lora-kl-ema-eval-bf16":  # the reference's calls (adapters off, no autograd) are variants of their own
         assert len([g for g in graphs["worker"] if not g[2]]) > len([g for g in graphs["worker"] if g[2]]) > 0
+    if config == "lora-bf16-cuda-graphs-all":  # both captures made, in the first epoch
+        assert len(captures) == len(sampling_captures) == 1
     # a second run in the same cache: its note says these were compiled there; no worker starts
     graphs.update(who=None, worker=[], run=[])
     main_from_clean_dynamo([*argv, "--run-dir", str(tmp_path / "again")])
