@@ -1721,7 +1721,7 @@ def test_training_step_through_the_kernel_equals_the_reference(monkeypatch):
     args = ddpo.parse_args(["--preset", "tiny", *LORA_CFG])
     pipe = StableDiffusionPipeline.from_pretrained(ddpo.tiny_pretrained_path(), safety_checker=None)
     torch.manual_seed(0)  # peft draws lora_A from the global RNG: one fixed model, whatever ran before
-    params = ddpo.setup_trainable(pipe.unet, args)
+    ddpo.setup_trainable(pipe.unet, args)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.scheduler.set_timesteps(args.num_steps)
     prompts = ddpo.PROMPT_SETS["tiny_shapes"][:4]
