@@ -576,12 +576,13 @@ print(json.dumps(report))
 
 
 @slow
-@pytest.mark.parametrize("arch", [80, 90])
-def test_aot_compiles_for_a100_and_h100_without_spills(arch):
-    """Both kernels, every dtype ddpo.py uses, with and without CFG, compiled ahead of time for sm_80 and
-    sm_90 in a clean process (no interpreter); ptxas from the triton wheel reports zero spills. With Triton's
-    default FP fusion turned off, as Triton 3.10 will have it, the kernels still contract a * b + c into fused
-    multiply-adds (kernels.COMPILE_OPTIONS), as every GPU timing of them was measured."""
+@pytest.mark.parametrize("arch", [80, 90, 100, 120])
+def test_aot_compiles_for_a100_h100_and_blackwell_without_spills(arch):
+    """Both kernels, every dtype ddpo.py uses, with and without CFG, compiled ahead of time for sm_80 (A100),
+    sm_90 (H100, H200), sm_100 (B200) and sm_120 (RTX 50 series) in a clean process (no interpreter); ptxas
+    from the triton wheel reports zero spills. With Triton's default FP fusion turned off, as Triton 3.10 will
+    have it, the kernels still contract a * b + c into fused multiply-adds (kernels.COMPILE_OPTIONS), as every
+    GPU timing of them was measured."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "0"
     out = subprocess.run([sys.executable, "-c", AOT_SCRIPT, str(arch)], capture_output=True, text=True, env=env,
