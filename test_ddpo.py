@@ -1928,6 +1928,55 @@ def test_cuda_graphs_capture_silences_only_the_accumulate_grad_stream_warning():
     assert unet.w.grad.item() == 6.0  # the replayed backward still ran: d(sum(2x))/dw = sum(x)
 
 
+def autograd_graphs_reaching(params):
+    """How many live tensors (found by the garbage collector) have an autograd graph that ends in one of
+    `params`: graphs a CUDA graph capture would find holding those weights' AccumulateGrad nodes."""
+    import gc
+
+    count = 0
+    for obj in gc.get_objects():
+        if not (issubclass(type(obj), torch.Tensor) and obj.grad_fn is not None):  # (isinstance trips on dead proxies)
+            continue
+        stack, seen = [obj.grad_fn], []  # seen keeps the wrappers alive, so their ids stay unique
+        while stack:
+            node = stack.pop()
+            if any(node is s for s in seen):
+                continue
+            seen.append(node)
+            if any(getattr(node, "variable", None) is p for p in params):
+                count += 1
+                break
+            stack += [n for n, _ in node.next_functions if n is not None]
+    return count
+
+
+@slow
+def test_cuda_graphs_capture_finds_no_autograd_graph_of_the_weights_alive(tmp_path, monkeypatch):
+    """torch 2.15 raises during a CUDA graph capture whose autograd nodes hold a stream from before it (README, "A
+    seventh H200 machine"); ddpo.py makes no call with autograd on before its capture whose graph is still alive
+    then: not the --compile-workers probe (its calls' backwards have run, their graphs are freed), not the
+    exact-ratio re-score (which is the first call through GraphedUNet, so it is the capture). Checked at the
+    stand-in capture of a LoRA bf16 run with --compile --compile-workers 1 --cuda-graphs on (forced here)."""
+    argv = [*TINY_QUICK, *LORA_CFG, "--mixed-precision", "bf16", "--num-epochs", "1", "--compile",
+            "--compile-workers", "1", "--cuda-graphs", "on", "--run-dir", str(tmp_path / "run")]
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    graphs = {"who": None, "worker": [], "run": []}
+    record_graphs(monkeypatch, graphs)
+    in_process_workers(monkeypatch, graphs)
+    real_validate = ddpo.validate
+    monkeypatch.setattr(ddpo, "validate", lambda args: real_validate(dataclasses.replace(args, cuda_graphs="off")))
+    alive = []
+
+    def make_graphed(module, sample_args, **_):
+        alive.append(autograd_graphs_reaching([p for p in module.parameters() if p.requires_grad]))
+        return fake_make_graphed(module, sample_args, [])
+
+    monkeypatch.setattr(ddpo, "GraphedUNet", functools.partial(ddpo.GraphedUNet, make_graphed=make_graphed))
+    main_from_clean_dynamo(argv)
+    assert len(graphs["worker"]) > 5  # the probe's calls (with their backwards) were made before the capture
+    assert alive == [0]
+
+
 @slow
 def test_cuda_graphs_unet_accumulates_gradients_as_eager():
     """--cuda-graphs (GraphedUNet) with a stand-in for make_graphed_callables that, like the real one, returns
