@@ -363,9 +363,9 @@ def ddim_logprob_ratio(scheduler, noise_pred_cond, noise_pred_uncond, guidance_s
 
 
 def compile_for_gpu(arch, dtype, has_cfg, B=32, N=4 * 64 * 64):
-    """Compile both kernels ahead of time for CUDA compute capability `arch` (80 = A100, 90 = H100, 100 = B200, 120 = RTX 50) with
-    noise predictions of `dtype`, for the split of a (B, N) call; no GPU needed. Returns {kernel name: triton
-    CompiledKernel} whose .asm holds "ptx" and "cubin". Run it where TRITON_INTERPRET is unset."""
+    """Compile both kernels ahead of time for CUDA compute capability `arch` (80 = A100, 90 = H100, 100 = B200,
+    120 = RTX 50) with noise predictions of `dtype`, for the split of a (B, N) call; no GPU needed. Returns
+    {kernel name: triton CompiledKernel} whose .asm holds "ptx" and "cubin". Run it where TRITON_INTERPRET is unset."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 

@@ -1937,12 +1937,12 @@ def autograd_graphs_reaching(params):
     for obj in gc.get_objects():
         if not (issubclass(type(obj), torch.Tensor) and obj.grad_fn is not None):  # (isinstance trips on dead proxies)
             continue
-        stack, seen = [obj.grad_fn], []  # seen keeps the wrappers alive, so their ids stay unique
+        stack, seen = [obj.grad_fn], {}  # id -> node: kept alive, so the ids stay unique
         while stack:
             node = stack.pop()
-            if any(node is s for s in seen):
+            if id(node) in seen:
                 continue
-            seen.append(node)
+            seen[id(node)] = node
             if any(getattr(node, "variable", None) is p for p in params):
                 count += 1
                 break
@@ -1963,15 +1963,13 @@ def test_cuda_graphs_capture_finds_no_autograd_graph_of_the_weights_alive(tmp_pa
     graphs = {"who": None, "worker": [], "run": []}
     record_graphs(monkeypatch, graphs)
     in_process_workers(monkeypatch, graphs)
-    real_validate = ddpo.validate
-    monkeypatch.setattr(ddpo, "validate", lambda args: real_validate(dataclasses.replace(args, cuda_graphs="off")))
     alive = []
 
     def make_graphed(module, sample_args, **_):
         alive.append(autograd_graphs_reaching([p for p in module.parameters() if p.requires_grad]))
         return fake_make_graphed(module, sample_args, [])
 
-    monkeypatch.setattr(ddpo, "GraphedUNet", functools.partial(ddpo.GraphedUNet, make_graphed=make_graphed))
+    force_cuda_graphs(monkeypatch, [], make_graphed=make_graphed)
     main_from_clean_dynamo(argv)
     assert len(graphs["worker"]) > 5  # the probe's calls (with their backwards) were made before the capture
     assert alive == [0]
@@ -2047,6 +2045,18 @@ def fake_sampling_graph(unet, args, autocast, log, replays=None):
     return replay
 
 
+def force_cuda_graphs(patch, captures, sampling_captures=None, replays=None, make_graphed=None):
+    """--cuda-graphs on/all on the CPU: validate() (which refuses them without CUDA) checks the arguments with
+    'off', and GraphedUNet captures with the stand-ins, logging into captures / sampling_captures / replays.
+    make_graphed, if given, is called instead of fake_make_graphed (it may call it)."""
+    sampling_captures = [] if sampling_captures is None else sampling_captures
+    real_validate = ddpo.validate
+    patch.setattr(ddpo, "validate", lambda args: real_validate(dataclasses.replace(args, cuda_graphs="off")))
+    patch.setattr(ddpo, "GraphedUNet", functools.partial(
+        ddpo.GraphedUNet, make_graphed=make_graphed or (lambda m, a, **_: fake_make_graphed(m, a, captures)),
+        make_sampling_graph=lambda u, a, ac: fake_sampling_graph(u, a, ac, sampling_captures, replays)))
+
+
 def test_cuda_graphs_all_replays_sampling_calls_to_the_same_trajectories():
     """--cuda-graphs all: GraphedUNet(sampling=True) captures the first sampling call (eval mode, no autograd)
     and replays it for every later call of that shape; with a stand-in capture whose output memory each replay
@@ -2086,7 +2096,7 @@ def test_cuda_graphs_all_replays_sampling_calls_to_the_same_trajectories():
 
 @slow
 def test_cuda_graphs_all_in_a_run_changes_no_number(tmp_path, monkeypatch, capsys):
-    """--cuda-graphs all in a whole run (CUDA only: here validate() sees 'auto', and both captures are the CPU
+    """--cuda-graphs all in a whole run (CUDA only: here validate() sees 'off', and both captures are the CPU
     stand-ins): the sampling loop's calls and the held-out evaluation's (with the EMA weights swapped in) replay
     one sampling capture, the training step's calls one training capture, and every logged number is bitwise
     that of the eager run, the header saying 'cuda-graphs all'."""
@@ -2094,11 +2104,7 @@ def test_cuda_graphs_all_in_a_run_changes_no_number(tmp_path, monkeypatch, capsy
             "--train-micro-batch", "4"]
     captures, sampling_captures, replays = [], [], []
     with monkeypatch.context() as patch:
-        real_validate = ddpo.validate
-        patch.setattr(ddpo, "validate", lambda args: real_validate(dataclasses.replace(args, cuda_graphs="auto")))
-        patch.setattr(ddpo, "GraphedUNet", functools.partial(
-            ddpo.GraphedUNet, make_graphed=lambda m, a, **_: fake_make_graphed(m, a, captures),
-            make_sampling_graph=lambda u, a, ac: fake_sampling_graph(u, a, ac, sampling_captures, replays)))
+        force_cuda_graphs(patch, captures, sampling_captures, replays)
         ddpo.main([*argv, "--cuda-graphs", "all", "--run-dir", str(tmp_path / "graphed")])
     header = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ddpo: ")]
     assert len(header) == 1 and "cuda-graphs all |" in header[0]
@@ -3503,11 +3509,7 @@ def test_compile_with_the_lora_toggle_kl_ema_and_evaluation_recompiles_nothing_a
         if cuda_graphs:  # 4 calls of 4 pairs per optimizer step: one capture, then replays that accumulate gradients
             argv += ["--train-micro-batch", "4"]
             graph_argv = ["--cuda-graphs", cuda_graphs]
-            real_validate = ddpo.validate
-            patch.setattr(ddpo, "validate", lambda args: real_validate(dataclasses.replace(args, cuda_graphs="off")))
-            patch.setattr(ddpo, "GraphedUNet", functools.partial(
-                ddpo.GraphedUNet, make_graphed=lambda m, a, **_: fake_make_graphed(m, a, captures),
-                make_sampling_graph=lambda u, a, ac: fake_sampling_graph(u, a, ac, sampling_captures)))
+            force_cuda_graphs(patch, captures, sampling_captures)
         compiled = compiled_graphs_per_epoch([*argv, *graph_argv, "--compile", "--run-dir", str(tmp_path / "compiled")],
                                              patch)
     assert compiled[0][0] >= 3  # sampling, training, and the reference's forward with the adapters off
@@ -3597,11 +3599,7 @@ def test_compile_workers_compile_exactly_the_graphs_the_run_compiles(tmp_path, m
     captures, sampling_captures = [], []
     if config == "lora-bf16-cuda-graphs-all":
         argv += [*LORA_CFG, "--mixed-precision", "bf16", "--train-micro-batch", "3", "--cuda-graphs", "all"]
-        real_validate = ddpo.validate
-        monkeypatch.setattr(ddpo, "validate", lambda args: real_validate(dataclasses.replace(args, cuda_graphs="off")))
-        monkeypatch.setattr(ddpo, "GraphedUNet", functools.partial(
-            ddpo.GraphedUNet, make_graphed=lambda m, a, **_: fake_make_graphed(m, a, captures),
-            make_sampling_graph=lambda u, a, ac: fake_sampling_graph(u, a, ac, sampling_captures)))
+        force_cuda_graphs(monkeypatch, captures, sampling_captures)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     graphs = {"who": None, "worker": [], "run": []}
     record_graphs(monkeypatch, graphs)
