@@ -2096,7 +2096,7 @@ def test_cuda_graphs_all_replays_sampling_calls_to_the_same_trajectories():
 
 @slow
 def test_cuda_graphs_all_in_a_run_changes_no_number(tmp_path, monkeypatch, capsys):
-    """--cuda-graphs all in a whole run (CUDA only: here validate() sees 'off', and both captures are the CPU
+    """--cuda-graphs all in a whole run (CUDA only: force_cuda_graphs: validate() sees 'off', both captures the CPU
     stand-ins): the sampling loop's calls and the held-out evaluation's (with the EMA weights swapped in) replay
     one sampling capture, the training step's calls one training capture, and every logged number is bitwise
     that of the eager run, the header saying 'cuda-graphs all'."""
@@ -3501,7 +3501,7 @@ def test_compile_with_the_lora_toggle_kl_ema_and_evaluation_recompiles_nothing_a
     with --cuda-graphs on (CUDA only, so here forced on, with the CPU stand-in for the capture): the training
     step's compiled UNet is captured once, in the first epoch, and replayed to the same numbers (4 replays
     accumulate each optimizer step's gradient, which the capture returns in memory that the next replay reuses);
-    and with --cuda-graphs all, the sampling calls' compiled UNet too (validate() sees 'on')."""
+    and with --cuda-graphs all, the sampling calls' compiled UNet too (force_cuda_graphs: validate() sees 'off')."""
     argv = [*TINY_QUICK, *LORA_CFG, "--num-epochs", "3", "--kl-coef", "0.1", "--ema-decay", "0.9", "--eval-every", "1"]
     captures, sampling_captures = [], []
     with monkeypatch.context() as patch:  # the compiled run's patches, undone for the eager run
