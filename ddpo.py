@@ -28,6 +28,7 @@ Run it:
     # One GPU: Stable Diffusion v1.4 + LoRA, the paper's compressibility run (sizes are per process)
     python ddpo.py --preset compressibility
     python ddpo.py --preset compressibility --model /path/to/local/sd --resume auto --run-dir runs/c1
+    python ddpo.py --preset compressibility --compile  # ~2 minutes of compiling, then 1.4x faster epochs (H200)
     python ddpo.py --preset compressibility --wandb ddpo --tensorboard   # optional trackers (pip install them)
     python ddpo.py --preset aesthetic --reward aesthetic=1.0,jpeg_compressibility=0.05
     python ddpo.py --preset alignment --reward-device cuda:1      # LLaVA + BERTScore on a second GPU
@@ -638,22 +639,25 @@ class Args:
                                        "memory, more time, the same gradients")
     offload_frozen: bool = arg(False, "keep the VAE and text encoder on the CPU, moving each to the device "
                                "only for its calls (frees their memory while the UNet trains)")
-    compile: bool = arg(False, "torch.compile the UNet's ResNet and transformer blocks (GPUs: measured 1.4x "
-                        "faster epochs at SD scale on an H200, after a first epoch that compiles for over 3 "
-                        "minutes with cold caches; the compiled code is cached in DDPO_CACHE/inductor, unless "
-                        "TORCHINDUCTOR_CACHE_DIR is set, for later runs and resumes)")
-    compile_workers: int = arg(0, "--compile: compile the blocks' graphs in this many processes at once before the "
-                               "first epoch, into inductor's cache, from which the run then loads them (skipped when "
-                               "the cache holds them already; static shapes, so some more graphs); 0 = off: the first "
-                               "epoch compiles them one after another. Each process loads the UNet. Unmeasured on "
-                               "GPUs; on a 2-core CPU no faster")
-    cuda_graphs: str = arg("auto", "auto | on | all | off: replay the training step's UNet forward and backward "
-                           "from CUDA graphs (one capture, then two launches per call instead of thousands); auto = on "
-                           "for LoRA on a CUDA device without --compile or --gradient-checkpointing ('on' also "
-                           "captures --compile's kernels: 92.5 -> 75.9 ms per training call on an H200, after "
-                           "4-4.5 minutes of compiling). Measured on an H200 at SD scale: 45.8 -> 30.2 s per "
-                           "epoch at the published order, peak memory 11.7 -> 10.0 GB. 'all': 'on', and the "
-                           "sampling loop's UNet calls from one more graph (unmeasured on GPUs)")
+    compile: bool = arg(False, "torch.compile the UNet's ResNet and transformer blocks (GPUs: on an H200 at SD scale, "
+                        "with the default CUDA graphs, 29.7 -> 21.0 s per epoch, after about 2 minutes of compiling "
+                        "with cold caches and --compile-workers auto; the compiled code is cached in "
+                        "DDPO_CACHE/inductor, unless TORCHINDUCTOR_CACHE_DIR is set, for later runs and resumes)")
+    compile_workers: str = arg("auto", "auto | N: --compile compiles the blocks' graphs in N processes at once before "
+                               "the first epoch, into inductor's cache, from which the run then loads them (skipped "
+                               "when the cache holds them already; static shapes, so some more graphs); 0 = off: the "
+                               "first epoch compiles them one after another. Each process loads the model on the GPU. "
+                               "auto = one per 2 CPU cores, at most 6, as many as the GPU's free memory holds, on a "
+                               "CUDA device; 0 on the CPU (no faster on 2 cores). On an H200 (16 cores): 6 processes "
+                               "compiled SD's 40 block variants in 74 s; without them the first epoch compiled for "
+                               "4-4.5 minutes")
+    cuda_graphs: str = arg("auto", "auto | all | on | off: replay the UNet's calls from CUDA graphs (one capture, "
+                           "then one launch per call instead of thousands). 'on': the training step's forward and "
+                           "backward; 'all': those and the sampling loop's calls; auto = all for LoRA on a CUDA "
+                           "device without --gradient-checkpointing (with --compile, the compiled blocks' kernels "
+                           "are captured). Measured on H200s at SD scale: eager 45.8 -> 'on' 30.2 s per epoch, peak "
+                           "memory 11.7 -> 10.0 GB; on another, 'on' 31.4 -> 'all' 29.7 s (sampling 9.0 -> 7.1 s), "
+                           "10.0 GB")
     device: str = arg("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
     fused_kernel: str = arg("auto", "auto | on | off: the Triton kernels of kernels.py for the training step's "
                             "log-prob, checked at the start on one small call against the PyTorch reference (auto = "
@@ -901,9 +905,10 @@ def validate(args: Args):
         need(getattr(args, flag) >= 1, flag, getattr(args, flag), ">= 1")
     for flag in ("lora_rank", "train_micro_batch", "image_every"):
         need(getattr(args, flag) >= 0, flag, getattr(args, flag), ">= 0")
-    need(args.compile_workers >= 0, "compile_workers", args.compile_workers, ">= 0")
-    need(args.compile or not args.compile_workers, "compile_workers", args.compile_workers,
-         "0 without --compile (its processes compile --compile's graphs)")
+    need(args.compile_workers == "auto" or re.fullmatch(r"\d+", args.compile_workers), "compile_workers",
+         args.compile_workers, "auto or a number >= 0")
+    need(args.compile or args.compile_workers in ("auto", "0"), "compile_workers", args.compile_workers,
+         "auto or 0 without --compile (its processes compile --compile's graphs)")
     need(args.resolution is None or args.resolution >= 1, "resolution", args.resolution, ">= 1")
     need(args.num_steps <= 1000, "num_steps", args.num_steps, "<= 1000, the diffusion's training timesteps")
     need(args.stat_min_count <= args.stat_buffer_size, "stat_min_count", args.stat_min_count,
@@ -1009,17 +1014,27 @@ def on_policy_settings(args: Args, log=print) -> Args:
     return dataclasses.replace(args, gradient_accumulation_steps=accumulation, num_inner_epochs=1)
 
 
-def use_cuda_graphs(args: Args, device: torch.device) -> bool:
-    """--cuda-graphs for the training step: 'on' or 'all' (validated: CUDA, no --gradient-checkpointing; 'all'
-    replays the sampling calls too), 'off', or 'auto': on where it was measured to pay, LoRA on a CUDA device,
-    eager (README, "On a GPU"). Full fine-tuning stays eager under auto:
-    its capture would hold a static gradient buffer for every UNet weight (unmeasured); so does --compile, whose
-    graphs 'on' captures (the compiled blocks' kernels, replayed; on an H200 one such step ran 1.22x faster than
-    the eager graph's, after 4-4.5 minutes of compiling, and no compiled epoch was timed)."""
+def cuda_graphs_mode(args: Args, device: torch.device) -> str:
+    """--cuda-graphs: 'all' (the training step's calls and the sampling loop's), 'on' (the training step's),
+    'off', as given (validated: CUDA, no --gradient-checkpointing), or for 'auto' where graphs were measured
+    to pay: 'all' for LoRA on a CUDA device (README, "On a GPU"), with --compile too (whose blocks' kernels the
+    captures record: the fastest epoch measured). Full fine-tuning stays eager under auto: its capture would
+    hold a static gradient buffer for every UNet weight (unmeasured)."""
     if args.cuda_graphs != "auto":
-        return args.cuda_graphs in ("on", "all")
-    return (device.type == "cuda" and args.lora_rank > 0 and not args.compile
-            and not args.gradient_checkpointing)
+        return args.cuda_graphs
+    return "all" if device.type == "cuda" and args.lora_rank > 0 and not args.gradient_checkpointing else "off"
+
+
+def compile_workers(args: Args, device: torch.device, cpus: int, free_bytes: int, per_worker_bytes: int) -> int:
+    """--compile-workers as a number: as given, or for 'auto' (with --compile on a CUDA device) one process per 2
+    CPU cores, at most 6, and no more than `free_bytes` of GPU memory holds at `per_worker_bytes` each (each
+    loads the model). On an H200 host with 16 cores, 6 processes compiled SD's 40 block variants in 74 s
+    (README). 0 on the CPU: on 2 cores no faster (inductor's C++ builds keep the cores busy already)."""
+    if args.compile_workers != "auto":
+        return int(args.compile_workers)
+    if not args.compile or device.type != "cuda":
+        return 0
+    return max(0, min(6, cpus // 2, free_bytes // per_worker_bytes))
 
 
 def check_run_dir(run_dir: Path, fresh: bool, overwrite: bool):
@@ -1066,8 +1081,8 @@ class Run:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
         self.exact_ratio = args.exact_ratio == "on" or (
             args.exact_ratio == "auto" and (args.mixed_precision != "no" or (args.tf32 and device.type == "cuda")))
-        self.cuda_graphs = use_cuda_graphs(args, device)
-        self.sampling_graphs = args.cuda_graphs == "all"  # the sampling loop's calls replayed too
+        self.cuda_graphs = cuda_graphs_mode(args, device) != "off"
+        self.sampling_graphs = cuda_graphs_mode(args, device) == "all"  # the sampling loop's calls replayed too
 
         # Run directory and checkpoint: rank 0 decides, every rank follows.
         slug = re.sub(r"[^\w.-]+", "_", args.reward)  # "aesthetic=1,mod:fn" -> "aesthetic_1_mod_fn"
@@ -1169,21 +1184,27 @@ class Run:
             self.log(note)
         if args.compile:  # minutes without a line of output otherwise (README, "A seventh H200 machine")
             self.log("--compile: the first epoch compiles each block variant the run uses, or loads it from inductor's "
-                     "cache (at SD scale on an H200, 4-4.5 minutes of compiling with cold caches and no "
-                     f"--compile-workers), later epochs nothing; inductor's cache, which later runs "
-                     f"and resumes reuse: {os.environ['TORCHINDUCTOR_CACHE_DIR']} (TORCHINDUCTOR_CACHE_DIR)")
+                     "cache (at SD scale on an H200 with cold caches: 4-4.5 minutes of compiling in the first epoch "
+                     "alone, about 2 minutes in all with 6 --compile-workers), later epochs nothing; inductor's "
+                     f"cache, which later runs and resumes reuse: {os.environ['TORCHINDUCTOR_CACHE_DIR']} "
+                     "(TORCHINDUCTOR_CACHE_DIR)")
 
     # --- models ---
     def compile_unet(self):
         """--compile: the UNet's blocks compiled in place (compile_blocks), after --compile-workers processes have
         compiled their graphs into inductor's cache (precompile_blocks, from one call of each kind an epoch makes)."""
-        if self.args.compile_workers > 0:
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
+        # A process's share, budgeted (not measured): 3x the UNet's weights (the pipeline it loads, whose text encoder
+        # and VAE add a quarter at SD scale, and what compiling allocates) and 1 GiB of CUDA context.
+        per_worker = 3 * sum(p.numel() * p.element_size() for p in self.unet.parameters()) + 2**30
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = min(all_gather_objects(compile_workers(self.args, self.device, cpus, free, per_worker)))  # all agree
+        if workers > 0:
             if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # once per node: the cache is on its disk
-                precompile_blocks(self.args, self.device, self.unet, self.epoch_calls, self.args.compile_workers,
-                                  self.log)
+                precompile_blocks(self.args, self.device, self.unet, self.epoch_calls, workers, self.log)
             if self.world > 1:
                 torch.distributed.barrier()
-        compile_blocks(self.unet, static=self.args.compile_workers > 0)
+        compile_blocks(self.unet, static=workers > 0)
 
     def epoch_calls(self):
         """One UNet call of each kind an epoch makes, on zeros of its shapes (precompile_blocks' probe): sampling
@@ -2376,16 +2397,16 @@ CAPTURE_STREAM_WARNING = "The AccumulateGrad node's stream does not match"  # se
 
 
 class GraphedUNet:
-    """--cuda-graphs (auto: on for LoRA on CUDA): the UNet of the training step, replayed from CUDA graphs. The first
+    """--cuda-graphs (auto: all for LoRA on CUDA): the UNet of the training step, replayed from CUDA graphs. The first
     call in train mode with autograd on is captured (torch.cuda.make_graphed_callables: the forward one graph, the
     backward another), and every later call of that shape replays them: two launches instead of the thousands of
     kernels a UNet call issues from Python. Any other call runs the UNet eagerly: other shapes (a step's last,
     shorter micro-batch), sampling (eval mode, no autograd) unless sampling=True (--cuda-graphs all: then the first
-    sampling call is captured too, by sampling_graph, and later ones of its shape replay it), the KL reference (the
-    raw UNet, its adapters toggled in Python, which a graph could not see). The graphs read the weights where they
-    are, so in-place updates (optimizer steps, EMA swaps) are seen. The training forward and the exact-ratio
-    re-score both replay the same graph, so they agree bitwise. With --compile ('on' or 'all'), make_graphed_callables'
-    warm-up calls compile the blocks and the capture records their kernels (on an H200: 92.5 -> 75.9 ms per call).
+    sampling call is captured too, by sampling_graph, and later ones of its shape replay it: on an H200 an epoch's
+    sampling 9.0 -> 7.1 s), the KL reference (the raw UNet, its adapters toggled in Python, which a graph could
+    not see). The graphs read the weights where they are, so in-place updates (optimizer steps, EMA swaps) are
+    seen. The training forward and the exact-ratio re-score both replay the same graph, so they agree bitwise. With
+    --compile ('on' or 'all'), make_graphed_callables' warm-up calls compile the blocks and the capture records their kernels (on an H200: 92.5 -> 75.9 ms per call).
     On an H200, SD v1.5, 8 rows: 118 -> 88 ms per forward + backward, 46 -> 37.5 ms per re-scoring forward, log p
     bitwise equal to eager; a whole epoch at the published settings 45.8 -> 30.2 s, peak memory 11.7 -> 10.0 GB
     (README)."""

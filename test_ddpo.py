@@ -1249,9 +1249,10 @@ def user_rewards(tmp_path, monkeypatch):
     (["--clip-range", "0"], "--clip-range must be > 0 and finite (got 0.0)"),
     (["--adam-beta2", "1"], "--adam-beta2 must be in [0, 1) (got 1.0)"),
     (["--lora-rank", "-1"], "--lora-rank must be >= 0 (got -1)"),
-    (["--compile", "--compile-workers", "-2"], "--compile-workers must be >= 0 (got -2)"),
-    (["--compile-workers", "2"], "--compile-workers must be 0 without --compile (its processes compile --compile's "
-                                 "graphs) (got 2)"),
+    (["--compile", "--compile-workers", "-2"], "--compile-workers must be auto or a number >= 0 (got '-2')"),
+    (["--compile", "--compile-workers", "many"], "--compile-workers must be auto or a number >= 0 (got 'many')"),
+    (["--compile-workers", "2"], "--compile-workers must be auto or 0 without --compile (its processes compile "
+                                 "--compile's graphs) (got '2')"),
     (["--save-every", "0"], "--save-every must be >= 1 (got 0)"),
     (["--num-epochs", "0"], "--num-epochs must be >= 1 (got 0)"),
     (["--num-steps", "1001"], "--num-steps must be <= 1000, the diffusion's training timesteps (got 1001)"),
@@ -1866,23 +1867,48 @@ def fake_make_graphed(module, sample_args, log):
     return lambda *inputs: Replay.apply(*inputs, *params)
 
 
-def test_cuda_graphs_auto_is_on_for_lora_on_cuda_only():
-    """--cuda-graphs auto (the default) turns the graphs on where they were measured to pay: LoRA on a CUDA
-    device, eager. Off on the CPU, with --compile or --gradient-checkpointing (which a capture cannot hold),
-    and in full fine-tuning. 'on' and 'off' are taken as given (validate() has checked 'on')."""
+def test_cuda_graphs_auto_is_all_for_lora_on_cuda_only():
+    """--cuda-graphs auto (the default) replays the training step's and the sampling loop's calls where that was
+    measured to pay: LoRA on a CUDA device, eager or with --compile. Off on the CPU, with
+    --gradient-checkpointing (which a capture cannot hold), and in full fine-tuning. 'on', 'all' and 'off' are
+    taken as given (validate() has checked them)."""
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
 
-    def graphs(device, *argv):
-        return ddpo.use_cuda_graphs(ddpo.parse_args(list(argv)), device)
+    def mode(device, *argv):
+        return ddpo.cuda_graphs_mode(ddpo.parse_args(list(argv)), device)
 
     assert ddpo.parse_args([]).cuda_graphs == "auto"
-    assert graphs(cuda) is True
-    assert graphs(cpu) is False
-    assert graphs(cuda, "--compile") is False
-    assert graphs(cuda, "--gradient-checkpointing") is False
-    assert graphs(cuda, "--lora-rank", "0") is False
-    assert graphs(cuda, "--cuda-graphs", "off") is False
-    assert graphs(cuda, "--cuda-graphs", "on", "--lora-rank", "0") is True
+    assert mode(cuda) == "all"
+    assert mode(cuda, "--compile") == "all"
+    assert mode(cpu) == "off"
+    assert mode(cuda, "--gradient-checkpointing") == "off"
+    assert mode(cuda, "--lora-rank", "0") == "off"
+    assert mode(cuda, "--cuda-graphs", "off") == "off"
+    assert mode(cuda, "--cuda-graphs", "on") == "on"
+    assert mode(cuda, "--cuda-graphs", "on", "--lora-rank", "0") == "on"
+
+
+def test_compile_workers_auto_counts_cores_and_gpu_memory_on_cuda_only():
+    """--compile-workers auto (the default): with --compile on a CUDA device, one process per 2 CPU cores, at most
+    6, and no more than the GPU's free memory holds at a process's share; 0 on the CPU or without --compile. A
+    number is taken as given."""
+    cuda, cpu, gb = torch.device("cuda", 0), torch.device("cpu"), 2**30
+
+    def workers(device, cpus, free_gb, *argv):
+        return ddpo.compile_workers(ddpo.parse_args(list(argv)), device, cpus, free_gb * gb, 6 * gb)
+
+    assert ddpo.parse_args([]).compile_workers == "auto"
+    assert workers(cuda, 16, 120, "--compile") == 6  # the H200 host measured: 16 cores, 6 processes
+    assert workers(cuda, 64, 120, "--compile") == 6
+    assert workers(cuda, 8, 120, "--compile") == 4
+    assert workers(cuda, 3, 120, "--compile") == 1
+    assert workers(cuda, 1, 120, "--compile") == 0
+    assert workers(cuda, 16, 20, "--compile") == 3  # 20 GB free holds 3 shares of 6 GB
+    assert workers(cuda, 16, 5, "--compile") == 0
+    assert workers(cpu, 16, 0, "--compile") == 0
+    assert workers(cuda, 16, 120) == 0  # no --compile
+    assert workers(cpu, 2, 0, "--compile", "--compile-workers", "2") == 2
+    assert workers(cuda, 16, 120, "--compile", "--compile-workers", "0") == 0
 
 
 def test_cuda_graphs_on_is_accepted_with_compile_on_a_cuda_device(monkeypatch, tmp_path):
