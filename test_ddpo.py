@@ -3649,6 +3649,25 @@ def test_compile_workers_compile_exactly_the_graphs_the_run_compiles(tmp_path, m
     assert f"inductor's cache holds this run's {variants} block variants" in out and "compiling the UNet" not in out
 
 
+def test_compile_workers_resolved_number_is_what_the_run_starts(tmp_path, monkeypatch):
+    """The run starts as many compile processes as compile_workers() resolves --compile-workers auto to (stood
+    in here: 2, as on a GPU host; compile_blocks and the start-up compile probe stubbed, so the UNet runs
+    eagerly), and compiles with static shapes then; resolved to 0 (the CPU's auto) it starts none and keeps
+    dynamo's default shapes. What it is asked with on the CPU: no free GPU memory, a positive share per process."""
+    monkeypatch.setattr(ddpo, "compile_problem", lambda device: "")
+    for resolved in (2, 0):
+        asked, started, static = [], [], []
+        monkeypatch.setattr(ddpo, "compile_workers", lambda args, device, cpus, free, per, resolved=resolved:
+                            asked.append((args.compile_workers, device.type, cpus, free, per)) or resolved)
+        monkeypatch.setattr(ddpo, "precompile_blocks", lambda args, device, unet, make_calls, workers, log:
+                            started.append(workers))
+        monkeypatch.setattr(ddpo, "compile_blocks", lambda unet, static=False, shapes=static: shapes.append(static))
+        ddpo.main([*TINY_QUICK, "--num-epochs", "1", "--compile", "--run-dir", str(tmp_path / f"run{resolved}")])
+        assert len(asked) == 1 and asked[0][:2] == ("auto", "cpu") and asked[0][2] >= 1 and asked[0][3] == 0
+        assert asked[0][4] > 2**30
+        assert started == ([2] if resolved else []) and static == [resolved > 0]
+
+
 @slow
 def test_compile_workers_failing_leave_the_compiling_to_the_run(tmp_path, monkeypatch, capsys):
     """A worker that fails (here each exits with 1 before compiling) costs nothing but its time: the run says so
