@@ -1081,8 +1081,8 @@ class Run:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
         self.exact_ratio = args.exact_ratio == "on" or (
             args.exact_ratio == "auto" and (args.mixed_precision != "no" or (args.tf32 and device.type == "cuda")))
-        self.cuda_graphs = cuda_graphs_mode(args, device) != "off"
-        self.sampling_graphs = cuda_graphs_mode(args, device) == "all"  # the sampling loop's calls replayed too
+        graphs = cuda_graphs_mode(args, device)
+        self.cuda_graphs, self.sampling_graphs = graphs != "off", graphs == "all"  # 'all': the sampling calls too
 
         # Run directory and checkpoint: rank 0 decides, every rank follows.
         slug = re.sub(r"[^\w.-]+", "_", args.reward)  # "aesthetic=1,mod:fn" -> "aesthetic_1_mod_fn"
