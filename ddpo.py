@@ -2406,7 +2406,8 @@ class GraphedUNet:
     sampling 9.0 -> 7.1 s), the KL reference (the raw UNet, its adapters toggled in Python, which a graph could
     not see). The graphs read the weights where they are, so in-place updates (optimizer steps, EMA swaps) are
     seen. The training forward and the exact-ratio re-score both replay the same graph, so they agree bitwise. With
-    --compile ('on' or 'all'), make_graphed_callables' warm-up calls compile the blocks and the capture records their kernels (on an H200: 92.5 -> 75.9 ms per call).
+    --compile ('on' or 'all'), make_graphed_callables' warm-up calls compile the blocks and the capture records
+    their kernels (on an H200: 92.5 -> 75.9 ms per call).
     On an H200, SD v1.5, 8 rows: 118 -> 88 ms per forward + backward, 46 -> 37.5 ms per re-scoring forward, log p
     bitwise equal to eager; a whole epoch at the published settings 45.8 -> 30.2 s, peak memory 11.7 -> 10.0 GB
     (README)."""
